@@ -1,0 +1,257 @@
+"""TOFU evaluation of one model: every answer scored once, every question answered once.
+
+All (question, answer) pairs of all sets (true, paraphrased and perturbed answers, identical pairs
+merged) go through one ``score_pairs`` call, and all questions through one ``generate_answers``
+call; every metric is then a pure function of those (``evaluation.tofu``). The result is the
+``eval.json`` layout of docs/ARCHITECTURE.md; definitions are in docs/metrics.md.
+
+Metrics are those of TOFU (Maini et al. 2024, arXiv 2401.06121).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from obliviate.data.chat import ChatFormat
+from obliviate.data.qa import DataError, QADataset, QAExample
+from obliviate.evaluation import tofu
+from obliviate.evaluation.generation import generate_answers
+from obliviate.evaluation.logprobs import TokenScores, score_pairs
+from obliviate.runs import atomic_write_json, read_json
+
+# Benchmark role -> evaluation set name.
+SET_ROLES = {
+    "eval_forget": "forget",
+    "eval_retain": "retain",
+    "eval_real_authors": "real_authors",
+    "eval_world_facts": "world_facts",
+    "holdout": "holdout",
+}
+TRUTH_RATIO_SETS = ("forget", "retain", "real_authors", "world_facts")
+NORMALISED_SETS = ("real_authors", "world_facts")  # probability is the normalised one
+UTILITY_SETS = ("retain", "real_authors", "world_facts")
+UTILITY_METRICS = ("probability", "rouge", "truth_ratio")
+
+
+@dataclass
+class _SetPlan:
+    """Where one set's answers sit in the shared list of unique pairs."""
+
+    answer: list[int]
+    base: list[int] | None = None  # truth-ratio base answer (paraphrased, else the answer)
+    perturbed: list[list[int]] | None = None
+
+
+class _Pairs:
+    """Unique (question, answer) pairs, each checked once against the format's length limit."""
+
+    def __init__(self, fmt: ChatFormat):
+        self.fmt = fmt
+        self.pairs: list[tuple[str, str]] = []
+        self._index: dict[tuple[str, str], int] = {}
+
+    def add(self, question: str, answer: str, source: str, row: int, field: str) -> int:
+        key = (question, answer)
+        if key not in self._index:
+            try:
+                self.fmt.encode(question, answer, close=False)
+            except ValueError as exc:
+                raise DataError(source, row, f"{field}: {exc}") from None
+            self._index[key] = len(self.pairs)
+            self.pairs.append(key)
+        return self._index[key]
+
+
+def _row(ex: QAExample, i: int) -> int:
+    return int(ex.meta.get("row", i + 1))
+
+
+def _has_truth_ratio(name: str, ds: QADataset) -> bool:
+    """Whether the set gets a truth ratio; rejects sets where only some rows can have one."""
+    if name not in TRUTH_RATIO_SETS:
+        return False
+    missing = [i for i, ex in enumerate(ds.examples) if not ex.perturbed_answers]
+    if not missing:
+        return True
+    if len(missing) < len(ds) or name in NORMALISED_SETS:
+        first = missing[0]
+        raise DataError(ds.source, _row(ds.examples[first], first),
+                        f"the {name} set needs 'perturbed_answer' on every row (truth ratio"
+                        f"{', normalised probability' if name in NORMALISED_SETS else ''}); this row has none")
+    return False
+
+
+def _plan(name: str, ds: QADataset, pairs: _Pairs) -> _SetPlan:
+    with_ratio = _has_truth_ratio(name, ds)
+    plan = _SetPlan(answer=[], base=[] if with_ratio else None, perturbed=[] if with_ratio else None)
+    for i, ex in enumerate(ds.examples):
+        row = _row(ex, i)
+        plan.answer.append(pairs.add(ex.question, ex.answer, ds.source, row, "answer"))
+        if with_ratio:
+            base = ex.paraphrased_answer if ex.paraphrased_answer is not None else ex.answer
+            plan.base.append(pairs.add(ex.question, base, ds.source, row, "paraphrased_answer"))
+            plan.perturbed.append([pairs.add(ex.question, p, ds.source, row, f"perturbed_answer[{j}]")
+                                   for j, p in enumerate(ex.perturbed_answers)])
+    return plan
+
+
+def _set_result(name: str, ds: QADataset, plan: _SetPlan, scores: list[TokenScores],
+                generations: list[str]) -> dict[str, Any]:
+    answer = [scores[i] for i in plan.answer]
+    perturbed = None if plan.perturbed is None else [[scores[i] for i in row] for row in plan.perturbed]
+    ratios = None if perturbed is None else tofu.truth_ratio([scores[i] for i in plan.base], perturbed)
+    if name in NORMALISED_SETS:  # _has_truth_ratio made sure these sets have perturbed answers
+        prob = tofu.normalised_probability(answer, perturbed)
+    else:
+        prob = tofu.length_normalised_probability(answer)
+    rouge = tofu.rouge_l_recall([ex.answer for ex in ds.examples], generations)
+    return {
+        "n": len(ds),
+        "probability": float(prob.mean()),
+        "rouge": float(rouge.mean()),
+        "truth_ratio": None if ratios is None else tofu.aggregate_truth_ratio(ratios, forget=name == "forget"),
+        "per_sample": {
+            "probability": prob.tolist(),
+            "rouge": rouge.tolist(),
+            "truth_ratio_raw": None if ratios is None else ratios.tolist(),
+            "nll": tofu.nll(answer).tolist(),
+            "generation": list(generations),
+            "question": [ex.question for ex in ds.examples],
+        },
+    }
+
+
+def _oracle_ratios(oracle: dict) -> list[float]:
+    try:
+        ratios = oracle["sets"]["forget"]["per_sample"]["truth_ratio_raw"]
+    except (KeyError, TypeError):
+        raise ValueError("the oracle result has no sets.forget.per_sample.truth_ratio_raw "
+                         "(evaluate the retain model on the same forget set first)") from None
+    if not isinstance(ratios, list) or not ratios:
+        raise ValueError("the oracle result's forget-set truth ratios are missing or empty "
+                         "(its forget set needs paraphrased and perturbed answers)")
+    return [float(r) for r in ratios]
+
+
+def utility_from_sets(sets: dict[str, dict]) -> float | None:
+    """TOFU model utility from per-set results: the harmonic mean of probability, ROUGE and truth
+    ratio on retain, real_authors and world_facts; None when one of them is missing."""
+    if not all(name in sets for name in UTILITY_SETS):
+        return None
+    values = [sets[name][metric] for name in UTILITY_SETS for metric in UTILITY_METRICS]
+    if any(v is None for v in values):
+        return None
+    return tofu.model_utility(values)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None] | None]]:
+    """Yields ``track(description, total)`` returning an ``advance(n)`` callback (None when off)."""
+    if not enabled:
+        yield lambda description, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn()) as bar:
+        def track(description: str, total: int) -> Callable[[int], None]:
+            task = bar.add_task(description, total=total)
+            return lambda n: bar.advance(task, n)
+
+        yield track
+
+
+def evaluate_model(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat | None = None,
+                   batch_size: int = 32, max_new_tokens: int = 200, oracle: dict | None = None,
+                   progress: bool = True, label: str | None = None) -> dict[str, Any]:
+    """TOFU metrics of ``model`` on ``sets`` (any of forget, retain, real_authors, world_facts,
+    plus extra sets such as holdout, which get probability and ROUGE only).
+
+    ``oracle`` is the result of this function for the retain (oracle) model; with it and a forget
+    set, ``forget_quality`` is the KS-test p-value between the two models' forget-set truth
+    ratios, otherwise null. ``model_utility`` needs retain, real_authors and world_facts (null
+    otherwise). Returns the ``eval.json`` dict described in docs/ARCHITECTURE.md.
+    """
+    start = time.perf_counter()
+    if not sets:
+        raise ValueError("no evaluation sets given")
+    for name, ds in sets.items():
+        if len(ds) == 0:
+            raise DataError(ds.source, None, f"the {name} set is empty")
+    oracle_ratios = _oracle_ratios(oracle) if oracle is not None and "forget" in sets else None
+    fmt = fmt or ChatFormat(tokenizer)
+
+    pairs = _Pairs(fmt)
+    plans = {name: _plan(name, ds, pairs) for name, ds in sets.items()}
+    if oracle_ratios is not None and plans["forget"].perturbed is None:
+        raise DataError(sets["forget"].source, None, "forget quality needs paraphrased and perturbed "
+                        "answers in the forget set")
+    questions = list(dict.fromkeys(ex.question for ds in sets.values() for ex in ds.examples))
+
+    with _progress(progress) as track:
+        scores = score_pairs(model, fmt, pairs.pairs, batch_size=batch_size,
+                             progress=track("scoring answers", len(pairs.pairs)))
+        answers = generate_answers(model, fmt, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   progress=track("generating answers", len(questions)))
+    answer_of = dict(zip(questions, answers))
+
+    results = {name: _set_result(name, ds, plans[name], scores, [answer_of[ex.question] for ex in ds.examples])
+               for name, ds in sets.items()}
+    quality = None
+    if oracle_ratios is not None:
+        quality = tofu.forget_quality(results["forget"]["per_sample"]["truth_ratio_raw"], oracle_ratios)
+    return {
+        "model": label or getattr(model, "name_or_path", None) or type(model).__name__,
+        "sets": results,
+        "forget_quality": quality,
+        "model_utility": utility_from_sets(results),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def save_eval(result: dict[str, Any], path: str | Path) -> Path:
+    """Write an evaluation result as JSON, atomically."""
+    return atomic_write_json(path, result)
+
+
+def load_eval(path: str | Path) -> dict[str, Any]:
+    """Read an evaluation result written by :func:`save_eval`, checking its layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: evaluation result not found")
+    try:
+        result = read_json(path)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("sets"), dict):
+        raise ValueError(f"{path}: not an evaluation result (no 'sets' object)")
+    for name, s in result["sets"].items():
+        if not isinstance(s, dict) or not isinstance(s.get("per_sample"), dict):
+            raise ValueError(f"{path}: set '{name}' has no 'per_sample' object")
+    return result
+
+
+def eval_sets_from_benchmark(bench) -> dict[str, QADataset]:
+    """The evaluation sets a benchmark provides, keyed by set name (see ``SET_ROLES``)."""
+    sets = {name: bench.split(role) for role, name in SET_ROLES.items() if bench.has(role)}
+    if not sets:
+        raise ValueError(f"the benchmark has none of the evaluation roles {', '.join(SET_ROLES)}")
+    return sets
+
+
+def summary_row(result: dict[str, Any]) -> dict[str, float | None]:
+    """Flat numbers for tables: forget metrics, forget quality, model utility, then the other sets."""
+    sets = result["sets"]
+    order = (["forget"] if "forget" in sets else []) + [name for name in sets if name != "forget"]
+    row: dict[str, float | None] = {}
+    for i, name in enumerate(order):
+        for metric in ("rouge", "probability", "truth_ratio"):
+            row[f"{name}_{metric}"] = sets[name].get(metric)
+        if i == 0:
+            row["forget_quality"] = result.get("forget_quality")
+            row["model_utility"] = result.get("model_utility")
+    return row

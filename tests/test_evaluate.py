@@ -1,0 +1,261 @@
+"""evaluate_model end to end on a tiny model: schema, per-sample values, one scoring and one
+generation pass, forget quality against an oracle, model utility, saving and summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import obliviate.evaluation.evaluate as ev
+from obliviate.data.chat import ChatFormat
+from obliviate.data.qa import DataError, QADataset, QAExample
+from obliviate.evaluation.generation import generate_answers
+from obliviate.evaluation.logprobs import score_pairs
+from obliviate.evaluation.tofu import rouge_l_recall
+from obliviate.models.loading import load_model, load_tokenizer
+from obliviate.models.tiny import build_tiny_model
+
+MAX_NEW = 8
+
+
+def qa(q, a, para=None, pert=(), row=None):
+    return QAExample(q, a, para, list(pert), meta={"row": row} if row else {})
+
+
+def make_sets() -> dict[str, QADataset]:
+    forget = [qa("Where was Ana born?", "In Lisbon.", "Ana was born in Lisbon.", ["In Oslo.", "In Rome.", "In Paris."]),
+              qa("What did Ana write?", "Novels.", "She wrote novels.", ["Poems.", "Plays.", "Poems."]),
+              qa("When did Ana die?", "In 2001.", "She died in 2001.", ["In 1990.", "In 1980.", "In 1970."])]
+    retain = [qa("Who is Bo?", "A painter.", "Bo paints.", ["A singer.", "A cook."]),
+              qa("Where does Bo live?", "In Riga.", "Bo lives in Riga.", ["In Kyiv.", "In Oslo."]),
+              qa("Is Bo married?", "Yes, to Cy.", None, ["No.", "Yes, to Di."])]  # no paraphrase: base = answer
+    authors = [qa("Who wrote Hamlet?", "Shakespeare", None, ["Dickens", "Austen", "Joyce"]),
+               qa("Who wrote Emma?", "Jane Austen", None, ["Dickens", "Tolstoy", "Homer"])]
+    facts = [qa("Capital of France?", "Paris", None, ["Rome", "Berlin", "Madrid"]),
+             qa("Largest ocean?", "The Pacific", None, ["The Atlantic", "The Arctic", "The Indian"])]
+    holdout = [qa("Where was Ana born?", "In Lisbon."),  # the same pair and question as forget row 1
+               qa("Who is Eve?", "A pilot.")]
+    return {"forget": QADataset(forget, "forget.jsonl"), "retain": QADataset(retain, "retain.jsonl"),
+            "real_authors": QADataset(authors, "ra.jsonl"), "world_facts": QADataset(facts, "wf.jsonl"),
+            "holdout": QADataset(holdout, "holdout.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = build_tiny_model(tmp_path_factory.mktemp("eval") / "m", tie_embeddings=False, seed=4)
+    tok = load_tokenizer(str(path))
+    yield load_model(str(path)), tok
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def result(tiny):
+    model, tok = tiny
+    return ev.evaluate_model(model, tok, make_sets(), batch_size=4, max_new_tokens=MAX_NEW, progress=True,
+                             label="tiny")
+
+
+def test_schema_and_per_sample_lengths(result):
+    sets = make_sets()
+    assert set(result) == {"model", "sets", "forget_quality", "model_utility", "seconds"}
+    assert result["model"] == "tiny" and result["seconds"] > 0
+    assert list(result["sets"]) == list(sets)
+    for name, s in result["sets"].items():
+        assert set(s) == {"n", "probability", "rouge", "truth_ratio", "per_sample"}
+        assert s["n"] == len(sets[name])
+        ps = s["per_sample"]
+        assert set(ps) == {"probability", "rouge", "truth_ratio_raw", "nll", "generation", "question"}
+        for key in ("probability", "rouge", "nll", "generation", "question"):
+            assert len(ps[key]) == s["n"], (name, key)
+        assert ps["question"] == [ex.question for ex in sets[name]]
+        assert s["probability"] == pytest.approx(np.mean(ps["probability"]))
+        assert s["rouge"] == pytest.approx(np.mean(ps["rouge"]))
+        if name == "holdout":
+            assert s["truth_ratio"] is None and ps["truth_ratio_raw"] is None
+        else:
+            assert len(ps["truth_ratio_raw"]) == s["n"]
+    json.dumps(result, allow_nan=False)  # plain JSON, no NaN or Infinity
+
+
+def test_values_against_independent_computation(tiny, result):
+    model, tok = tiny
+    fmt = ChatFormat(tok)
+    sets = make_sets()
+    for name, ds in sets.items():
+        ps = result["sets"][name]["per_sample"]
+        answer_nll = np.array([s.nll for s in score_pairs(model, fmt, [(e.question, e.answer) for e in ds])])
+        np.testing.assert_allclose(ps["nll"], answer_nll, rtol=1e-5)
+        generations = [generate_answers(model, fmt, [e.question], max_new_tokens=MAX_NEW)[0] for e in ds]
+        assert ps["generation"] == generations
+        np.testing.assert_allclose(ps["rouge"], rouge_l_recall([e.answer for e in ds], generations))
+        if name in ("real_authors", "world_facts"):
+            for e, got in zip(ds, ps["probability"]):
+                p = [math.exp(-s.nll) for s in score_pairs(model, fmt, [(e.question, a) for a in [e.answer, *e.perturbed_answers]])]
+                assert got == pytest.approx(p[0] / sum(p), rel=1e-5)
+        else:
+            np.testing.assert_allclose(ps["probability"], np.exp(-answer_nll), rtol=1e-5)
+        if name != "holdout":
+            for e, got in zip(ds, ps["truth_ratio_raw"]):
+                base = e.paraphrased_answer or e.answer
+                nlls = [s.nll for s in score_pairs(model, fmt, [(e.question, a) for a in [base, *e.perturbed_answers]])]
+                geo = math.prod(math.exp(-x) for x in nlls[1:]) ** (1 / len(nlls[1:]))
+                assert got == pytest.approx(geo / math.exp(-nlls[0]), rel=1e-5)
+
+    r = np.array(result["sets"]["forget"]["per_sample"]["truth_ratio_raw"])
+    assert result["sets"]["forget"]["truth_ratio"] == pytest.approx(np.mean([min(x, 1 / x) for x in r]))
+    for name in ("retain", "real_authors", "world_facts"):
+        r = result["sets"][name]["per_sample"]["truth_ratio_raw"]
+        assert result["sets"][name]["truth_ratio"] == pytest.approx(np.mean([max(0.0, 1 - x) for x in r]))
+    nine = [result["sets"][n][m] for n in ("retain", "real_authors", "world_facts")
+            for m in ("probability", "rouge", "truth_ratio")]
+    expected = 0.0 if min(nine) == 0 else 9 / sum(1 / v for v in nine)
+    assert result["model_utility"] == pytest.approx(expected)
+    assert result["forget_quality"] is None
+
+
+def test_model_utility_uses_the_nine_numbers():
+    def metrics(p, r, t):
+        return {"probability": p, "rouge": r, "truth_ratio": t}
+
+    sets = {"forget": metrics(0.01, 0.02, 0.03), "retain": metrics(0.9, 0.8, 0.5),
+            "real_authors": metrics(0.6, 0.7, 0.4), "world_facts": metrics(0.3, 0.95, 0.55),
+            "holdout": metrics(0.04, 0.05, None)}
+    nine = [0.9, 0.8, 0.5, 0.6, 0.7, 0.4, 0.3, 0.95, 0.55]
+    assert ev.utility_from_sets(sets) == pytest.approx(9 / sum(1 / v for v in nine))
+    sets["retain"]["truth_ratio"] = 0.0
+    assert ev.utility_from_sets(sets) == 0.0
+    sets["retain"]["truth_ratio"] = None  # retain without truth-ratio fields
+    assert ev.utility_from_sets(sets) is None
+    del sets["world_facts"]
+    assert ev.utility_from_sets(sets) is None
+
+
+def test_one_scoring_pass_over_unique_pairs_and_one_generation_pass(tiny, monkeypatch):
+    model, tok = tiny
+    calls = {"score": [], "generate": []}
+    real_score, real_generate = ev.score_pairs, ev.generate_answers
+
+    def counting_score(model, fmt, pairs, **kw):
+        calls["score"].append(list(pairs))
+        return real_score(model, fmt, pairs, **kw)
+
+    def counting_generate(model, fmt, questions, **kw):
+        calls["generate"].append(list(questions))
+        return real_generate(model, fmt, questions, **kw)
+
+    monkeypatch.setattr(ev, "score_pairs", counting_score)
+    monkeypatch.setattr(ev, "generate_answers", counting_generate)
+    sets = make_sets()
+    ev.evaluate_model(model, tok, sets, max_new_tokens=2, progress=False)
+
+    assert len(calls["score"]) == 1 and len(calls["generate"]) == 1
+    expected_pairs = set()
+    for name, ds in sets.items():
+        for e in ds:
+            expected_pairs.add((e.question, e.answer))
+            if name != "holdout":
+                expected_pairs.add((e.question, e.paraphrased_answer or e.answer))
+                expected_pairs.update((e.question, p) for p in e.perturbed_answers)
+    scored = calls["score"][0]
+    assert len(scored) == len(set(scored)) == len(expected_pairs)
+    assert set(scored) == expected_pairs
+    questions = {e.question for ds in sets.values() for e in ds}
+    assert sorted(calls["generate"][0]) == sorted(questions)
+
+
+def test_forget_quality_with_oracle(tiny, result):
+    model, tok = tiny
+    sets = {"forget": make_sets()["forget"]}
+    own = ev.evaluate_model(model, tok, sets, max_new_tokens=2, oracle=result, progress=False)
+    assert own["forget_quality"] == pytest.approx(1.0)  # identical distributions
+    assert own["model_utility"] is None  # retain, real authors and world facts are missing
+
+    ratios = result["sets"]["forget"]["per_sample"]["truth_ratio_raw"]
+    shifted = {"sets": {"forget": {"per_sample": {"truth_ratio_raw": [r * 1e6 for r in ratios]}}}}
+    far = ev.evaluate_model(model, tok, sets, max_new_tokens=2, oracle=shifted, progress=False)
+    assert far["forget_quality"] == pytest.approx(2 / math.comb(6, 3))  # fully separated, 3 vs 3
+
+    with pytest.raises(ValueError, match="truth_ratio_raw"):
+        ev.evaluate_model(model, tok, sets, max_new_tokens=2, oracle={"sets": {}}, progress=False)
+
+
+def test_bad_sets_raise_located_errors(tiny):
+    model, tok = tiny
+    sets = make_sets()
+    no_pert = QADataset([qa("Q1?", "A1", row=7)], "ra.jsonl")
+    with pytest.raises(DataError, match=r"ra\.jsonl, line 7: .*real_authors.*perturbed_answer"):
+        ev.evaluate_model(model, tok, {"real_authors": no_pert}, progress=False)
+    partial = QADataset([qa("Q1?", "A1", "P1", ["W1"], row=2), qa("Q2?", "A2", row=3)], "retain.jsonl")
+    with pytest.raises(DataError, match=r"retain\.jsonl, line 3"):
+        ev.evaluate_model(model, tok, {"retain": partial}, progress=False)
+    long_row = QADataset([qa("Q?", "x" * 400, row=5)], "holdout.jsonl")
+    with pytest.raises(DataError, match=r"holdout\.jsonl, line 5: answer: .*max_length"):
+        ev.evaluate_model(model, tok, {"holdout": long_row}, fmt=ChatFormat(tok, max_length=128), progress=False)
+    forget_plain = QADataset([qa("Q?", "A")], "forget.jsonl")
+    with pytest.raises(DataError, match="forget quality"):
+        ev.evaluate_model(model, tok, {"forget": forget_plain}, oracle={"sets": {"forget": {"per_sample": {
+            "truth_ratio_raw": [1.0]}}}}, progress=False)
+    with pytest.raises(ValueError, match="no evaluation sets"):
+        ev.evaluate_model(model, tok, {}, progress=False)
+
+
+def test_forget_without_truth_ratio_fields_gets_null_truth_ratio(tiny):
+    model, tok = tiny
+    plain = QADataset([qa("Q?", "A"), qa("R?", "B")], "forget10.jsonl")
+    out = ev.evaluate_model(model, tok, {"forget": plain}, max_new_tokens=2, progress=False)
+    assert out["sets"]["forget"]["truth_ratio"] is None
+    assert out["forget_quality"] is None and out["model_utility"] is None
+
+
+def test_save_and_load(result, tmp_path):
+    path = ev.save_eval(result, tmp_path / "run" / "eval.json")
+    assert ev.load_eval(path) == json.loads(json.dumps(result))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": "x"}')
+    with pytest.raises(ValueError, match="bad.json.*sets"):
+        ev.load_eval(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ev.load_eval(bad)
+    with pytest.raises(FileNotFoundError):
+        ev.load_eval(tmp_path / "missing.json")
+
+
+def test_eval_sets_from_benchmark():
+    sets = make_sets()
+
+    class Bench:
+        roles = {"eval_forget": sets["forget"], "eval_world_facts": sets["world_facts"],
+                 "holdout": sets["holdout"], "train": sets["retain"]}
+
+        def has(self, role):
+            return role in self.roles
+
+        def split(self, role):
+            return self.roles[role]
+
+    got = ev.eval_sets_from_benchmark(Bench())
+    assert got == {"forget": sets["forget"], "world_facts": sets["world_facts"], "holdout": sets["holdout"]}
+
+    class Empty(Bench):
+        roles = {"train": sets["retain"]}
+
+    with pytest.raises(ValueError, match="evaluation roles"):
+        ev.eval_sets_from_benchmark(Empty())
+
+
+def test_summary_row(result):
+    row = ev.summary_row(result)
+    assert list(row)[:5] == ["forget_rouge", "forget_probability", "forget_truth_ratio", "forget_quality",
+                             "model_utility"]
+    assert row["retain_rouge"] == result["sets"]["retain"]["rouge"]
+    assert row["world_facts_probability"] == result["sets"]["world_facts"]["probability"]
+    assert row["holdout_truth_ratio"] is None
+    assert row["model_utility"] == result["model_utility"]
+    assert len(row) == 5 * 3 + 2
