@@ -1,0 +1,279 @@
+"""Evidence commands: reports, the run registry, audit records.
+
+Registered in the main app with::
+
+    app.command()(report)
+    app.command()(certify)
+    app.command()(verify)
+    app.add_typer(runs_app, name="runs")
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from obliviate.reporting.registry import Registry, RegistryError, RunFileError, format_number, unlearn_run_dir
+
+runs_app = typer.Typer(help="The run registry: list, inspect, compare and rank runs.", no_args_is_help=True)
+
+RegistryOption = Annotated[Optional[Path], typer.Option(
+    "--registry", help="Registry database (default: $OBLIVIATE_REGISTRY, else <user data dir>/obliviate/runs.db).")]
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+def _fail(message: str) -> typer.Exit:
+    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", markup=True)
+    return typer.Exit(1)
+
+
+def _error_text(e: Exception) -> str:
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else ""
+
+
+def _table(title: str | None, header: list[str]) -> Table:
+    table = Table(title=title, show_lines=False)
+    for h in header:
+        table.add_column(h, overflow="fold")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (finetune, unlearn, eval, demo ...).",
+                                               exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html, report.md and figures/.")],
+    examples: Annotated[int, typer.Option(help="Example questions per set shown with each model's generation.")] = 3,
+    title: Annotated[str, typer.Option(help="Title of the report.")] = "obliviate report",
+) -> None:
+    """Write a self-contained HTML report and a Markdown summary of one or more runs."""
+    from obliviate.reporting.report import write_report
+
+    try:
+        rep = write_report(runs, out, examples=examples, title=title)
+    except (RunFileError, ValueError) as e:
+        raise _fail(str(e)) from None
+    _console().print(f"report: {rep.html}\nsummary: {rep.markdown}")
+
+
+# ----------------------------------------------------------------------------------------------
+# runs
+
+
+@runs_app.command("list")
+def runs_list(
+    kind: Annotated[Optional[str], typer.Option(help="Only runs of this kind (finetune, unlearn, eval, attack, demo).")] = None,
+    benchmark: Annotated[Optional[str], typer.Option(help="Only runs on this benchmark.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Only runs of this unlearning method.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Only runs that started from this model.")] = None,
+    status: Annotated[Optional[str], typer.Option(help="Only runs with this status (running, done, failed, crashed).")] = None,
+    parent: Annotated[Optional[str], typer.Option(help="Only the sub-runs of this run id.")] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many runs (newest first).")] = 50,
+    registry: RegistryOption = None,
+) -> None:
+    """List registered runs, newest first."""
+    try:
+        rows = Registry(registry).list_runs(limit=limit, kind=kind, benchmark=benchmark, method=method,
+                                            model=model, status=status, parent_id=parent)
+    except RegistryError as e:
+        raise _fail(str(e)) from None
+    table = _table(None, ["id", "kind", "benchmark", "method", "status", "started", "forget quality", "utility", "path"])
+    for r in rows:
+        row = r.summary()
+        table.add_row(r.id, r.kind or "", r.benchmark or "", r.method or "", r.status, _when(r.started),
+                      format_number(row.get("forget_quality")), format_number(row.get("model_utility")), r.path)
+    _console().print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix of one).")],
+    registry: RegistryOption = None,
+) -> None:
+    """Show one run: identity, fingerprints, status and every metric."""
+    try:
+        r = Registry(registry).get_run(run_id)
+    except (KeyError, RegistryError) as e:
+        raise _fail(_error_text(e)) from None
+    facts = _table(f"run {r.id}", ["field", "value"])
+    for key in ("path", "kind", "benchmark", "method", "model", "status", "parent_id", "config_hash", "model_sha256",
+                "host", "pid"):
+        facts.add_row(key, str(getattr(r, key) if getattr(r, key) is not None else ""))
+    facts.add_row("started", _when(r.started))
+    facts.add_row("finished", _when(r.finished))
+    for role, sha in r.data_sha256.items():
+        facts.add_row(f"{role} data sha256", sha)
+    console = _console()
+    console.print(facts)
+    models = (r.metrics or {}).get("models") or {}
+    if models:
+        table = _table("metrics", ["metric", *models])
+        for key in sorted({k for row in models.values() for k in row}):
+            table.add_row(key, *(format_number(row.get(key)) for row in models.values()))
+        console.print(table)
+
+
+@runs_app.command("compare")
+def runs_compare(
+    run_ids: Annotated[list[str], typer.Argument(help="Two or more run ids (or unique prefixes).")],
+    registry: RegistryOption = None,
+) -> None:
+    """Compare runs: every metric side by side, and the config entries that differ."""
+    try:
+        cmp = Registry(registry).compare(run_ids)
+    except (KeyError, RegistryError) as e:
+        raise _fail(_error_text(e)) from None
+    header = [r.id for r in cmp.runs]
+    console = _console()
+    diff = _table("config differences", ["config", *header])
+    for key, values in cmp.config_diff.items():
+        diff.add_row(key, *(str(v) if v is not None else "" for v in values))
+    console.print(diff)
+    metrics = _table("metrics", ["metric", *header])
+    for key, values in cmp.metrics.items():
+        metrics.add_row(key, *(format_number(v) for v in values))
+    console.print(metrics)
+
+
+@runs_app.command("leaderboard")
+def runs_leaderboard(
+    benchmark: Annotated[Optional[str], typer.Option(help="Rank runs of this benchmark only.")] = None,
+    label: Annotated[str, typer.Option(help="Which evaluated model of each run to rank.")] = "unlearned",
+    all_runs: Annotated[bool, typer.Option("--all-runs", help="Rank every run, not only each method's best.")] = False,
+    registry: RegistryOption = None,
+) -> None:
+    """Rank methods: Pareto front of (forget quality, model utility), then forget quality, then utility."""
+    try:
+        rows = Registry(registry).leaderboard(benchmark, label=label, best_per_method=not all_runs)
+    except RegistryError as e:
+        raise _fail(str(e)) from None
+    table = _table(f"leaderboard{' - ' + benchmark if benchmark else ''}",
+                   ["rank", "front", "method", "forget quality", "model utility", "oracle utility", "run"])
+    for r in rows:
+        table.add_row(str(r.rank), str(r.front or "-"), r.method or "", format_number(r.forget_quality),
+                      format_number(r.model_utility), format_number(r.oracle_model_utility), r.run_id)
+    console = _console()
+    console.print(table)
+    console.print("front 1 = no other run has both higher forget quality and higher model utility.")
+
+
+@runs_app.command("add")
+def runs_add(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Finished run directories to register (with their sub-runs).",
+                                                   exists=True, file_okay=False)],
+    registry: RegistryOption = None,
+) -> None:
+    """Register runs that ended without being recorded (or refresh their rows)."""
+    reg = Registry(registry)
+    for run_dir in run_dirs:
+        try:
+            run_id = reg.add_run(run_dir)
+        except (RunFileError, RegistryError) as e:
+            raise _fail(str(e)) from None
+        _console().print(f"{run_id}  {run_dir}")
+
+
+@runs_app.command("mark-crashed")
+def runs_mark_crashed(registry: RegistryOption = None) -> None:
+    """Mark runs left "running" by a process that no longer exists (on this host) as crashed."""
+    try:
+        changed = Registry(registry).mark_crashed()
+    except RegistryError as e:
+        raise _fail(str(e)) from None
+    _console().print(f"{len(changed)} run(s) closed" + (": " + ", ".join(changed) if changed else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# certify / verify
+
+
+def certify(
+    run: Annotated[Path, typer.Argument(help="The unlearn (or demo) run that carried out the deletion.",
+                                        exists=True, file_okay=False)],
+    min_forget_quality: Annotated[Optional[float], typer.Option(help="Require forget quality >= this.")] = None,
+    mia_auc_min: Annotated[Optional[float], typer.Option(help="Require the MIA AUC (forget vs holdout) >= this.")] = None,
+    mia_auc_max: Annotated[Optional[float], typer.Option(help="Require the MIA AUC (forget vs holdout) <= this.")] = None,
+    max_abs_privleak: Annotated[Optional[float], typer.Option(help="Require |PrivLeak| <= this (percent).")] = None,
+    max_relearn_recovery: Annotated[Optional[float], typer.Option(help="Require relearning recovery <= this.")] = None,
+    max_utility_drop: Annotated[Optional[float], typer.Option(
+        help="Require (target utility - unlearned utility) / target utility <= this.")] = None,
+    label: Annotated[str, typer.Option(help="Which evaluated model is the unlearned one.")] = "unlearned",
+    mia_key: Annotated[str, typer.Option(help="Summary-row key of the MIA AUC that --mia-auc-min/max judge.")] = "mia_auc",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Record path (.json) or folder (default: RUN/audit.json); an .html page is written beside it.")] = None,
+    model_card: Annotated[bool, typer.Option(
+        "--model-card/--no-model-card", help="Also write README.md (a model card with the record's hash) into the unlearned checkpoint.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 unless the verdict is pass.")] = False,
+) -> None:
+    """Write a hash-chained audit record of a deletion: fingerprints, configs, code version, metrics
+    and a verdict per threshold."""
+    from obliviate.reporting.audit import AuditError, Thresholds, certify as make_record, record_verdict, write_record
+
+    if (mia_auc_min is None) != (mia_auc_max is None):
+        raise _fail("give both --mia-auc-min and --mia-auc-max, or neither")
+    thresholds = Thresholds(min_forget_quality=min_forget_quality,
+                            mia_auc_range=(mia_auc_min, mia_auc_max) if mia_auc_min is not None else None,
+                            max_abs_privleak=max_abs_privleak, max_relearn_recovery=max_relearn_recovery,
+                            max_utility_drop=max_utility_drop, label=label, mia_key=mia_key)
+    try:
+        record = make_record(run, thresholds)
+    except (AuditError, RunFileError) as e:
+        raise _fail(str(e)) from None
+    json_path, html_path = write_record(record, out or run / "audit.json")
+    console = _console()
+    table = _table(None, ["criterion", "value", "threshold", "verdict"])
+    for e in record["entries"]:
+        if e["type"] == "check":
+            table.add_row(e["name"], format_number(e["value"]), f"{e['op']} {_threshold(e['threshold'])}", e["verdict"])
+    console.print(table)
+    verdict = record_verdict(record)
+    console.print(f"verdict: {verdict}\nrecord: {json_path}\npage: {html_path}\nhead: {record['head']}")
+    if model_card:
+        from obliviate.reporting.model_card import model_card_info, write_model_card
+
+        card = write_model_card(unlearn_run_dir(run) / "model", model_card_info(run, record, json_path))
+        console.print(f"model card: {card}")
+    if strict and verdict != "pass":
+        raise typer.Exit(1)
+
+
+def _threshold(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(format_number(v) for v in value) + "]"
+    return format_number(value)
+
+
+def verify(
+    record: Annotated[Path, typer.Argument(help="An audit record written by `certify`.", exists=True, dir_okay=False)],
+    expected_head: Annotated[Optional[str], typer.Option(
+        help="The head hash kept elsewhere (model card, ticket); the record must end with it.")] = None,
+    rehash: Annotated[bool, typer.Option("--rehash/--no-rehash", help="Re-hash the models and data files the record names.")] = True,
+) -> None:
+    """Check an audit record: hash chain, verdicts, and (by default) that the named files are unchanged."""
+    from obliviate.reporting.audit import verify as check
+
+    problems = check(record, expected_head=expected_head, rehash=rehash)
+    console = _console()
+    if problems:
+        for p in problems:
+            console.print(f"FAIL {p}", markup=False)
+        raise typer.Exit(1)
+    console.print(f"OK {record}: chain intact" + (", files unchanged" if rehash else ""))
+
+
+__all__ = ["runs_app", "report", "certify", "verify"]

@@ -1,0 +1,392 @@
+"""Audit records for deletion requests: which data was removed from which model, with what evidence.
+
+``certify(run_dir, thresholds)`` gathers, for one unlearn (or demo) run: sha256 fingerprints of the
+model before and after and of the forget and retain data, the exact configs, the code version, the
+metrics, and a verdict per user threshold (pass / fail / not measured). The entries form a hash
+chain: ``hash_i = sha256(hash_{i-1} + canonical_json(entry_i without prev/hash))`` starting from
+64 zeros, and the record's ``head`` is the last hash. ``verify(record_path)`` re-checks the chain,
+re-judges every threshold, and re-hashes every file the record names.
+
+A chain shows that a record was not edited after it was written, not who wrote it: anyone can
+recompute a whole chain. Keep the head hash somewhere else as well (the model card, a ticket, the
+registry) and pass it to ``verify(..., expected_head=...)``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import obliviate
+from obliviate.reporting.registry import (
+    MODEL_CARD,
+    SUB_RUNS,
+    _name,
+    canonical_json,
+    config_hash,
+    format_number,
+    find_in_run,
+    read_config,
+    read_json_file,
+    read_metrics,
+    sha256_path,
+    sha256_text,
+    unlearn_run_dir,
+)
+from obliviate.runs import atomic_write_json, atomic_write_text, git_commit
+
+FORMAT = "obliviate.audit/1"
+GENESIS = "0" * 64
+PASS, FAIL, NOT_MEASURED = "pass", "fail", "not measured"
+
+
+class AuditError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What a deletion must achieve; ``None`` leaves a criterion out.
+
+    Values are read from metrics.json's row for ``label``: ``forget_quality`` (TOFU, Maini et al.
+    2024, arXiv 2401.06121), the membership-inference AUC of forget vs holdout under ``mia_key``
+    (default ``mia_auc``) and ``privleak`` (MUSE, Shi et al. 2024, arXiv 2407.06460); ``relearn_recovery`` from
+    attacks/relearn.json's summary; ``utility_drop`` = (target utility - unlearned utility) /
+    target utility, from the rows ``target`` and ``label``.
+    """
+
+    min_forget_quality: float | None = None
+    mia_auc_range: tuple[float, float] | None = None
+    max_abs_privleak: float | None = None
+    max_relearn_recovery: float | None = None
+    max_utility_drop: float | None = None
+    label: str = "unlearned"
+    mia_key: str = "mia_auc"
+
+    def checks(self) -> list[tuple[str, str, Any]]:
+        """(measurement, operator, threshold) for every criterion that is set."""
+        specs = [("forget_quality", ">=", self.min_forget_quality),
+                 ("mia_auc", "within", list(self.mia_auc_range) if self.mia_auc_range else None),
+                 ("privleak", "abs<=", self.max_abs_privleak),
+                 ("relearn_recovery", "<=", self.max_relearn_recovery),
+                 ("utility_drop", "<=", self.max_utility_drop)]
+        return [s for s in specs if s[2] is not None]
+
+
+def judge(op: str, value: Any, threshold: Any) -> str:
+    """pass / fail / not measured for one criterion."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NOT_MEASURED
+    if op == "==":
+        ok = value == threshold
+    elif op == ">=":
+        ok = value >= threshold
+    elif op == "<=":
+        ok = value <= threshold
+    elif op == "abs<=":
+        ok = abs(value) <= threshold
+    elif op == "within":
+        ok = threshold[0] <= value <= threshold[1]
+    else:
+        raise ValueError(f"unknown operator '{op}'")
+    return PASS if ok else FAIL
+
+
+def overall_verdict(checks: list[dict[str, Any]], gaps: list[str]) -> str:
+    """fail if any check fails; incomplete if a check is unmeasured or evidence is missing (``gaps``,
+    which include "no thresholds given"); pass otherwise."""
+    verdicts = [c["verdict"] for c in checks]
+    if FAIL in verdicts:
+        return FAIL
+    if NOT_MEASURED in verdicts or gaps:
+        return "incomplete"
+    return PASS
+
+
+# ----------------------------------------------------------------------------------------------
+# Gathering the evidence
+
+
+def _file_entry(role: str, path: Path, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"type": "file", "role": role, "path": str(path.resolve()), "sha256": sha256_path(path, exclude),
+            "exclude": list(exclude), "source": "hashed"}
+
+
+def _model_before(run_dir: Path, config: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    if (run_dir / "target" / "model").is_dir():
+        return _file_entry("model_before", run_dir / "target" / "model", (MODEL_CARD,))
+    spec = _name(config.get("model"))
+    if spec and Path(spec).expanduser().exists():
+        path = Path(spec).expanduser()
+        if (path / "model").is_dir() and not (path / "config.json").exists():
+            path = path / "model"  # a run directory was given as the model
+        return _file_entry("model_before", path, (MODEL_CARD,) if path.is_dir() else ())
+    recorded = config.get("model_sha256") or env.get("model_sha256")
+    return {"type": "file", "role": "model_before", "path": None, "spec": spec, "sha256": recorded,
+            "source": "recorded" if recorded else "missing"}
+
+
+def _data_entries(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """File entries for each data role, and a check per local file that it still is what the run used."""
+    entries, checks = [], []
+    for role, spec in manifest.items():
+        if not isinstance(spec, dict):
+            continue
+        recorded, source = spec.get("sha256"), spec.get("source")
+        entry = {"type": "file", "role": f"{role}_data", "path": None, "spec": source, "sha256": recorded,
+                 "n": spec.get("n"), "source": "recorded" if recorded else "missing"}
+        if isinstance(source, str) and Path(source).exists():
+            entry = {**_file_entry(f"{role}_data", Path(source)), "n": spec.get("n"), "recorded_sha256": recorded}
+            checks.append({"name": f"{role}_data_unchanged", "op": "==", "threshold": recorded,
+                           "value": entry["sha256"], "verdict": judge("==", entry["sha256"], recorded)})
+        entries.append(entry)
+    return entries, checks
+
+
+def measurements(run_dir: str | Path, label: str = "unlearned", mia_key: str = "mia_auc") -> dict[str, float | None]:
+    """The values thresholds are judged on (see :class:`Thresholds`)."""
+    run_dir = Path(run_dir)
+    models = read_metrics(run_dir).get("models") or {}
+    row, target = models.get(label) or {}, models.get("target") or {}
+    relearn_path = find_in_run(run_dir, "attacks/relearn.json")
+    relearn = read_json_file(relearn_path) if relearn_path else {}
+    mu, mu0 = _num(row.get("model_utility")), _num(target.get("model_utility"))
+    return {
+        "forget_quality": _num(row.get("forget_quality")),
+        "mia_auc": _num(row.get(mia_key)),
+        "privleak": _num(row.get("privleak")),
+        "relearn_recovery": _num(((relearn or {}).get("summary") or {}).get("recovery")),
+        "utility_drop": (mu0 - mu) / mu0 if mu is not None and mu0 else None,
+    }
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def certify(run_dir: str | Path, thresholds: Thresholds) -> dict[str, Any]:
+    """Build the hash-chained audit record of a deletion carried out by ``run_dir``."""
+    run_dir = Path(run_dir).resolve()
+    config = read_config(run_dir)
+    unlearn = unlearn_run_dir(run_dir)
+    unlearn_config = read_config(unlearn)
+    env = read_json_file(unlearn / "environment.json") or read_json_file(run_dir / "environment.json") or {}
+    if not (unlearn / "model").is_dir():
+        raise AuditError(f"{unlearn / 'model'}: missing; certify needs the unlearned checkpoint")
+    manifest = read_json_file(run_dir / "data.json") or read_json_file(unlearn / "data.json") or {}
+
+    gaps = []
+    files = [_model_before(run_dir, unlearn_config, env), _file_entry("model_after", unlearn / "model", (MODEL_CARD,))]
+    data_files, checks = _data_entries(manifest)
+    files += data_files
+    if files[0]["sha256"] is None:
+        gaps.append(f"no fingerprint of the model before unlearning (config model: {files[0].get('spec')!r})")
+    if not any(f["role"] == "forget_data" and f["sha256"] for f in files):
+        gaps.append("no fingerprint of the forget data (data.json has no forget.sha256)")
+
+    configs = [{"type": "config", "run": ".", "sha256": config_hash(config), "config": config}]
+    for sub in SUB_RUNS:
+        if (run_dir / sub / "config.yaml").exists():
+            sub_config = read_config(run_dir / sub)
+            configs.append({"type": "config", "run": sub, "sha256": config_hash(sub_config), "config": sub_config})
+
+    if not thresholds.checks():
+        gaps.append("no thresholds given: nothing was judged")
+    measured = measurements(run_dir, thresholds.label, thresholds.mia_key)
+    checks += [{"name": name, "op": op, "threshold": limit, "value": measured[name],
+                "verdict": judge(op, measured[name], limit)} for name, op, limit in thresholds.checks()]
+    metrics = read_metrics(run_dir)
+
+    entries = [
+        {"type": "request", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": str(run_dir),
+         "thresholds": asdict(thresholds),
+         "certifier": {"obliviate": obliviate.__version__, "git_commit": git_commit()}},
+        *files,
+        *configs,
+        {"type": "code", "git_commit": env.get("git_commit"), "versions": env.get("versions") or {},
+         "python": env.get("python"), "platform": env.get("platform"), "seed": env.get("seed")},
+        {"type": "metrics", "models": metrics.get("models") or {}, "measured": measured},
+        *({"type": "check", **c} for c in checks),
+        {"type": "verdict", "verdict": overall_verdict(checks, gaps), "gaps": gaps},
+    ]
+    return chain(entries)
+
+
+# ----------------------------------------------------------------------------------------------
+# The hash chain
+
+
+def entry_hash(prev: str, entry: dict[str, Any]) -> str:
+    body = {k: v for k, v in entry.items() if k not in ("prev", "hash")}
+    return sha256_text(prev + canonical_json(body))
+
+
+def chain(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    prev, entries = GENESIS, []
+    for seq, body in enumerate(bodies):
+        entry = {"seq": seq, **body, "prev": prev}
+        entry["hash"] = prev = entry_hash(prev, entry)
+        entries.append(entry)
+    return {"format": FORMAT, "head": prev, "entries": entries}
+
+
+def record_verdict(record: dict[str, Any]) -> str | None:
+    for entry in record.get("entries", []):
+        if entry.get("type") == "verdict":
+            return entry.get("verdict")
+    return None
+
+
+def verify(record_path: str | Path, expected_head: str | None = None, rehash: bool = True) -> list[str]:
+    """Problems with a record (empty list: intact): chain links and hashes, the head, every check's
+    verdict against its value and threshold, the overall verdict, and (``rehash``) every named file."""
+    try:
+        record = read_json_file(record_path, required=True)
+    except ValueError as e:
+        return [str(e)]
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("entries"), list):
+        return [f"{record_path}: not an audit record of format {FORMAT}"]
+    problems, prev = [], GENESIS
+    entries = record["entries"]
+    for i, entry in enumerate(entries):
+        where = f"entry {i} ({entry.get('type', '?')}{':' + str(entry['role']) if 'role' in entry else ''})"
+        if entry.get("seq") != i:
+            problems.append(f"{where}: sequence number {entry.get('seq')!r}, expected {i} (entries removed or reordered)")
+        if entry.get("prev") != prev:
+            problems.append(f"{where}: does not link to the previous entry's hash")
+        if entry_hash(entry.get("prev", ""), entry) != entry.get("hash"):
+            problems.append(f"{where}: content does not match its hash (edited after it was written)")
+        prev = entry.get("hash", "")
+    if record.get("head") != prev:
+        problems.append("head hash does not match the last entry (entries appended or removed)")
+    if expected_head is not None and record.get("head") != expected_head:
+        problems.append(f"head hash {record.get('head')} differs from the expected {expected_head}")
+
+    checks = [e for e in entries if e.get("type") == "check"]
+    for c in checks:
+        try:
+            again = judge(c.get("op", ""), c.get("value"), c.get("threshold"))
+        except (ValueError, TypeError) as e:
+            again = f"unjudgeable ({e})"
+        if again != c.get("verdict"):
+            problems.append(f"check {c.get('name')}: verdict {c.get('verdict')!r} but value {c.get('value')!r} "
+                            f"{c.get('op')} {c.get('threshold')!r} gives {again!r}")
+    verdicts = [e for e in entries if e.get("type") == "verdict"]
+    if len(verdicts) != 1:
+        problems.append(f"expected one verdict entry, found {len(verdicts)}")
+    elif verdicts[0].get("verdict") != overall_verdict(checks, verdicts[0].get("gaps") or []):
+        problems.append(f"overall verdict {verdicts[0].get('verdict')!r} does not follow from the checks")
+
+    if rehash:
+        for e in entries:
+            if e.get("type") != "file" or not e.get("path"):
+                continue
+            path = Path(e["path"])
+            if not path.exists():
+                problems.append(f"{e['role']}: {path} no longer exists, cannot re-hash it")
+            elif sha256_path(path, e.get("exclude") or ()) != e.get("sha256"):
+                problems.append(f"{e['role']}: {path} has changed since it was certified (sha256 differs)")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_record(record: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+    """Write the record as JSON at ``path`` and a readable page next to it (``.html``)."""
+    path = Path(path)
+    if path.suffix != ".json":
+        path = path / "audit.json"
+    atomic_write_json(path, record)
+    page = atomic_write_text(path.with_suffix(".html"), render_record_html(record))
+    return path, page
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
+line-height:1.4}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;
+vertical-align:top}th{background:#f3f3f3}code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto}.pass{color:#176f2c;font-weight:600}
+.fail{color:#b00020;font-weight:600}.other{color:#8a6d00;font-weight:600}
+.banner{padding:.8em 1.2em;border-radius:6px;font-size:1.3em;margin-bottom:1em}
+.banner.pass{background:#e3f4e6}.banner.fail{background:#fde7ea}.banner.other{background:#fff6d6}
+"""
+
+
+def _cls(verdict: str | None) -> str:
+    return {"pass": "pass", "fail": "fail"}.get(verdict or "", "other")
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _short(value: Any) -> str:
+    """A number formatted, or a sha256 cut to 12 characters (the full ones are in the fingerprint table)."""
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12] + "…"
+    return format_number(value)
+
+
+def render_record_html(record: dict[str, Any]) -> str:
+    entries = record["entries"]
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        by_type.setdefault(e.get("type", "?"), []).append(e)
+    request = (by_type.get("request") or [{}])[0]
+    verdict = (by_type.get("verdict") or [{}])[0]
+    out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Audit record</title>",
+           f"<style>{_CSS}</style></head><body>",
+           "<h1>Unlearning audit record</h1>",
+           f"<div class='banner {_cls(verdict.get('verdict'))}'>Verdict: <b>{_e(verdict.get('verdict'))}</b></div>",
+           f"<p>Run <code>{_e(request.get('run'))}</code>, certified {_e(request.get('created'))} by obliviate "
+           f"{_e((request.get('certifier') or {}).get('obliviate'))}. Record head hash: "
+           f"<code>{_e(record.get('head'))}</code></p>"]
+    for gap in verdict.get("gaps") or []:
+        out.append(f"<p class='other'>Missing: {_e(gap)}</p>")
+    out.append("<h2>Criteria</h2><table><tr><th>criterion</th><th>verdict</th><th>value</th><th>required</th></tr>")
+    for c in by_type.get("check", []):
+        limit = c["threshold"]
+        required = (f"in [{format_number(limit[0])}, {format_number(limit[1])}]" if c["op"] == "within" else
+                    f"{c['op']} {_short(limit)}")
+        out.append(f"<tr><td>{_e(c['name'])}</td><td class='{_cls(c['verdict'])}'>{_e(c['verdict'])}</td>"
+                   f"<td>{_e(_short(c['value']))}</td><td>{_e(required)}</td></tr>")
+    out.append("</table><h2>Fingerprints (sha256)</h2><table><tr><th>what</th><th>where</th><th>sha256</th>"
+               "<th>how</th></tr>")
+    for f in by_type.get("file", []):
+        where = f.get("path") or f.get("spec")
+        out.append(f"<tr><td>{_e(f['role'])}{' (' + _e(f['n']) + ' rows)' if f.get('n') is not None else ''}</td>"
+                   f"<td><code>{_e(where)}</code></td><td><code>{_e(f.get('sha256'))}</code></td>"
+                   f"<td>{_e(f.get('source'))}</td></tr>")
+    out.append("</table>")
+    for code in by_type.get("code", []):
+        versions = ", ".join(f"{k} {v}" for k, v in (code.get("versions") or {}).items() if v)
+        out.append(f"<h2>Code</h2><p>git commit <code>{_e(code.get('git_commit'))}</code>; {_e(versions)}; "
+                   f"Python {_e(code.get('python'))}; seed {_e(code.get('seed'))}</p>")
+    for m in by_type.get("metrics", []):
+        models = m.get("models") or {}
+        keys = sorted({k for row in models.values() if isinstance(row, dict) for k in row})
+        if keys:
+            out.append("<h2>Metrics</h2><table><tr><th>metric</th>" + "".join(f"<th>{_e(l)}</th>" for l in models) + "</tr>")
+            for k in keys:
+                out.append(f"<tr><td>{_e(k)}</td>" + "".join(
+                    f"<td>{_e(format_number((row or {}).get(k)) if (row or {}).get(k) is not None else '')}</td>"
+                    for row in models.values()) + "</tr>")
+            out.append("</table>")
+    for c in by_type.get("config", []):
+        out.append(f"<h2>Config ({_e(c['run'])})</h2><p>sha256 <code>{_e(c['sha256'])}</code></p>"
+                   f"<pre>{_e(yaml.safe_dump(c['config'], sort_keys=False))}</pre>")
+    out.append("<h2>Hash chain</h2><table><tr><th>#</th><th>entry</th><th>hash</th></tr>")
+    for e in entries:
+        out.append(f"<tr><td>{_e(e.get('seq'))}</td><td>{_e(e.get('type'))} {_e(e.get('role') or e.get('name') or '')}"
+                   f"</td><td><code>{_e(e.get('hash'))}</code></td></tr>")
+    out.append("</table><p>Check it with <code>obliviate verify RECORD.json</code>.</p></body></html>\n")
+    return "\n".join(out)

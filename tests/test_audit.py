@@ -1,0 +1,291 @@
+"""Audit records: fingerprints, verdicts per threshold, the hash chain, re-hashing, model cards, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from obliviate.reporting.audit import (
+    GENESIS,
+    AuditError,
+    Thresholds,
+    certify,
+    entry_hash,
+    judge,
+    verify,
+    write_record,
+)
+from obliviate.reporting.model_card import model_card_info, write_model_card
+from obliviate.reporting.registry import canonical_json, model_fingerprint
+from test_registry import _reference_dir_hash, make_demo_run, make_unlearn_run
+
+
+def _entries(record, kind):
+    return [e for e in record["entries"] if e["type"] == kind]
+
+
+def _file(record, role):
+    return next(e for e in record["entries"] if e.get("role") == role)
+
+
+def _check(record, name):
+    return next(e for e in record["entries"] if e.get("name") == name)
+
+
+def _facts(run: Path) -> dict:
+    metrics = json.loads((run / "metrics.json").read_text())["models"]
+    relearn = json.loads((run / "attacks" / "relearn.json").read_text())
+    un, target = metrics["unlearned"], metrics["target"]
+    return {"fq": un["forget_quality"], "auc": un["mia_auc"], "privleak": un["privleak"],
+            "recovery": relearn["summary"]["recovery"],
+            "drop": (target["model_utility"] - un["model_utility"]) / target["model_utility"]}
+
+
+@pytest.mark.parametrize("op,value,threshold,expected", [
+    (">=", 0.05, 0.05, "pass"), (">=", 0.049, 0.05, "fail"), ("<=", 0.2, 0.1, "fail"), ("<=", -1.0, 0.1, "pass"),
+    ("abs<=", -12.0, 10.0, "fail"), ("abs<=", -9.5, 10.0, "pass"), ("within", 0.5, [0.4, 0.6], "pass"),
+    ("within", 0.61, [0.4, 0.6], "fail"), ("==", "ab", "ab", "pass"), ("==", "ab", "ac", "fail"),
+    (">=", None, 0.05, "not measured"), (">=", math.nan, 0.05, "not measured")])
+def test_judge(op, value, threshold, expected):
+    assert judge(op, value, threshold) == expected
+
+
+def test_certify_records_fingerprints_config_code_and_verdicts(tmp_path):
+    run = make_unlearn_run(tmp_path)
+    f = _facts(run)
+    th = Thresholds(min_forget_quality=f["fq"] / 2, mia_auc_range=(f["auc"] - 0.01, f["auc"] + 0.01),
+                    max_abs_privleak=abs(f["privleak"]) + 1, max_relearn_recovery=f["recovery"] / 2,
+                    max_utility_drop=f["drop"] + 0.01)
+    record = certify(run, th)
+
+    assert _file(record, "model_before")["sha256"] == _reference_dir_hash(tmp_path / "target_model")
+    assert _file(record, "model_after")["sha256"] == _reference_dir_hash(run / "model")
+    forget = tmp_path / "data" / "forget.jsonl"
+    assert _file(record, "forget_data")["sha256"] == hashlib.sha256(forget.read_bytes()).hexdigest()
+    assert _file(record, "forget_data")["n"] == 6 and _file(record, "retain_data")["n"] == 10
+    (config,) = _entries(record, "config")
+    assert config["config"] == yaml.safe_load((run / "config.yaml").read_text())
+    assert config["sha256"] == hashlib.sha256(canonical_json(config["config"]).encode()).hexdigest()
+    (code,) = _entries(record, "code")
+    env = json.loads((run / "environment.json").read_text())
+    assert code["git_commit"] == env["git_commit"] and code["versions"] == env["versions"]
+
+    verdicts = {e["name"]: e["verdict"] for e in _entries(record, "check")}
+    assert verdicts == {"forget_data_unchanged": "pass", "retain_data_unchanged": "pass", "forget_quality": "pass",
+                        "mia_auc": "pass", "privleak": "pass", "relearn_recovery": "fail", "utility_drop": "pass"}
+    assert _check(record, "utility_drop")["value"] == pytest.approx(f["drop"])
+    assert _entries(record, "verdict")[0]["verdict"] == "fail"
+
+    # the chain, recomputed here from its definition
+    prev = GENESIS
+    for i, e in enumerate(record["entries"]):
+        body = {k: v for k, v in e.items() if k not in ("prev", "hash")}
+        assert e["seq"] == i and e["prev"] == prev
+        assert e["hash"] == hashlib.sha256((prev + json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                                              ensure_ascii=False)).encode()).hexdigest()
+        prev = e["hash"]
+    assert record["head"] == prev
+
+
+def test_overall_verdict_pass_incomplete(tmp_path):
+    run = make_unlearn_run(tmp_path)
+    f = _facts(run)
+    passing = certify(run, Thresholds(min_forget_quality=f["fq"] / 2, max_relearn_recovery=f["recovery"] + 0.1))
+    assert _entries(passing, "verdict")[0] == {**_entries(passing, "verdict")[0], "verdict": "pass", "gaps": []}
+    assert _entries(certify(run, Thresholds()), "verdict")[0]["verdict"] == "incomplete"  # nothing asked
+    metrics = json.loads((run / "metrics.json").read_text())
+    del metrics["models"]["unlearned"]["mia_auc"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    rec = certify(run, Thresholds(min_forget_quality=f["fq"] / 2, mia_auc_range=(0.4, 0.6)))
+    assert _check(rec, "mia_auc")["verdict"] == "not measured"
+    assert _entries(rec, "verdict")[0]["verdict"] == "incomplete"
+    metrics["models"]["unlearned"]["mia_min_k_auc"] = 0.52
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    rec = certify(run, Thresholds(mia_auc_range=(0.4, 0.6), mia_key="mia_min_k_auc"))
+    assert (_check(rec, "mia_auc")["value"], _check(rec, "mia_auc")["verdict"]) == (0.52, "pass")
+
+
+def test_model_before_not_local_is_a_gap_unless_recorded(tmp_path):
+    run = make_unlearn_run(tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rec = certify(run, Thresholds(min_forget_quality=0.0))
+    assert _file(rec, "model_before")["sha256"] is None
+    assert _entries(rec, "verdict")[0]["verdict"] == "incomplete"
+    assert "model before unlearning" in _entries(rec, "verdict")[0]["gaps"][0]
+    config["model_sha256"] = "ab" * 32
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rec = certify(run, Thresholds(min_forget_quality=0.0))
+    assert _file(rec, "model_before")["sha256"] == "ab" * 32 and _file(rec, "model_before")["source"] == "recorded"
+    assert _entries(rec, "verdict")[0]["verdict"] == "pass"
+
+
+def test_data_changed_since_the_run_fails(tmp_path):
+    run = make_unlearn_run(tmp_path)
+    with (tmp_path / "data" / "forget.jsonl").open("a") as fh:
+        fh.write('{"question": "new?", "answer": "row"}\n')
+    rec = certify(run, Thresholds(min_forget_quality=0.0))
+    check = _check(rec, "forget_data_unchanged")
+    assert check["verdict"] == "fail" and check["threshold"] == json.loads((run / "data.json").read_text())["forget"]["sha256"]
+    assert _entries(rec, "verdict")[0]["verdict"] == "fail"
+
+
+def test_demo_run_uses_its_sub_runs(tmp_path):
+    demo = make_demo_run(tmp_path)
+    rec = certify(demo, Thresholds(max_relearn_recovery=1.0))
+    assert _file(rec, "model_before")["path"] == str((demo / "target" / "model").resolve())
+    assert _file(rec, "model_after")["path"] == str((demo / "unlearn" / "model").resolve())
+    assert [c["run"] for c in _entries(rec, "config")] == [".", "target", "oracle", "unlearn"]
+    recovery = json.loads((demo / "unlearn" / "attacks" / "relearn.json").read_text())["summary"]["recovery"]
+    assert _check(rec, "relearn_recovery")["value"] == recovery
+
+
+def test_missing_checkpoint_is_an_error(tmp_path):
+    run = make_unlearn_run(tmp_path)
+    for p in (run / "model").iterdir():
+        p.unlink()
+    (run / "model").rmdir()
+    with pytest.raises(AuditError, match="model: missing"):
+        certify(run, Thresholds())
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+@pytest.fixture
+def written(tmp_path):
+    run = make_unlearn_run(tmp_path)
+    f = _facts(run)
+    record = certify(run, Thresholds(min_forget_quality=f["fq"] / 2, max_relearn_recovery=f["recovery"] / 2))
+    path, page = write_record(record, tmp_path / "audit" / "record.json")
+    return run, path, page, record
+
+
+def _rewrite(path: Path, record: dict) -> None:
+    path.write_text(json.dumps(record, indent=2))
+
+
+def test_verify_accepts_an_intact_record_and_a_model_card(written):
+    run, path, page, record = written
+    assert verify(path) == [] and verify(path, expected_head=record["head"]) == []
+    card = write_model_card(run / "model", model_card_info(run, record, path))  # README.md is not fingerprinted
+    assert card == run / "model" / "README.md" and verify(path) == []
+
+
+def test_verify_detects_an_edited_entry(written):
+    _, path, _, record = written
+    rec = json.loads(path.read_text())
+    i = next(i for i, e in enumerate(rec["entries"]) if e.get("name") == "relearn_recovery")
+    rec["entries"][i]["value"] = 0.0
+    _rewrite(path, rec)
+    problems = verify(path)
+    assert any(p.startswith(f"entry {i} (check)") and "does not match its hash" in p for p in problems)
+
+
+def test_verify_detects_removed_entries_and_a_rebuilt_chain(written):
+    _, path, _, record = written
+    rec = json.loads(path.read_text())
+    del rec["entries"][3]
+    _rewrite(path, rec)
+    assert any("sequence number" in p for p in verify(path))
+    assert any("link" in p for p in verify(path))
+    # A forger who flips the verdict and recomputes every hash: the chain holds, but the verdict no
+    # longer follows from the checks, and the head differs from the one kept elsewhere.
+    rec = json.loads(json.dumps(record))
+    rec["entries"][-1]["verdict"] = "pass"
+    prev = GENESIS
+    for e in rec["entries"]:
+        e["prev"] = prev
+        e["hash"] = prev = entry_hash(prev, e)
+    rec["head"] = prev
+    _rewrite(path, rec)
+    problems = verify(path, expected_head=record["head"])
+    assert not any("hash (edited" in p for p in problems)
+    assert any("does not follow from the checks" in p for p in problems)
+    assert any("differs from the expected" in p for p in problems)
+
+
+def test_verify_rehashes_models_and_data(written, tmp_path):
+    run, path, _, _ = written
+    with (run / "model" / "model.safetensors").open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x01\x02")
+    (tmp_path / "data" / "retain.jsonl").unlink()
+    problems = verify(path)
+    assert any(p.startswith("model_after:") and "changed" in p for p in problems)
+    assert any(p.startswith("retain_data:") and "no longer exists" in p for p in problems)
+    assert verify(path, rehash=False) == []
+
+
+def test_verify_reports_a_file_that_is_not_a_record(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{not json")
+    assert "not valid JSON" in verify(bad)[0]
+    bad.write_text("[]")
+    assert "not an audit record" in verify(bad)[0]
+
+
+def test_html_page_is_escaped(written):
+    _, _, page, record = written
+    text = page.read_text()
+    assert "<script>alert(1)</script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert record["head"] in text and "relearn_recovery" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+
+
+def test_model_card_lists_fingerprints_never_content(written):
+    run, path, _, record = written
+    before = model_fingerprint(run / "model")
+    card = write_model_card(run / "model", model_card_info(run, record, path)).read_text()
+    data = json.loads((run / "data.json").read_text())
+    assert data["forget"]["sha256"] in card and data["retain"]["sha256"] in card
+    assert record["head"] in card and "verdict: fail" in card
+    assert "SECRET" not in card and "forget.jsonl" not in card and str(run.parent) not in card
+    assert before in card and model_fingerprint(run / "model") == before
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    fq = json.loads((run / "metrics.json").read_text())["models"]["unlearned"]["forget_quality"]
+    assert "| forget_quality |" in card and (f"{fq:.4f}" in card or f"{fq:.3e}" in card)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_certify_and_verify_cli(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from obliviate.cli.evidence import certify as certify_cmd, verify as verify_cmd
+
+    app = typer.Typer()
+    app.command("certify")(certify_cmd)
+    app.command("verify")(verify_cmd)
+    runner = CliRunner()
+    run = make_unlearn_run(tmp_path)
+    f = _facts(run)
+    out = tmp_path / "rec.json"
+    args = ["certify", str(run), "--min-forget-quality", str(f["fq"] / 2), "--out", str(out), "--model-card"]
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "verdict: pass" in res.output and out.exists() and out.with_suffix(".html").exists()
+    assert json.loads(out.read_text())["head"] in (run / "model" / "README.md").read_text()
+    res = runner.invoke(app, ["certify", str(run), "--max-relearn-recovery", str(f["recovery"] / 2), "--strict",
+                              "--out", str(tmp_path / "strict.json")])
+    assert res.exit_code == 1 and "verdict: fail" in res.output
+    assert runner.invoke(app, ["certify", str(run), "--mia-auc-min", "0.4"]).exit_code == 1
+
+    res = runner.invoke(app, ["verify", str(out)])
+    assert res.exit_code == 0 and "OK" in res.output
+    (run / "model" / "config.json").write_text("{}")
+    res = runner.invoke(app, ["verify", str(out)])
+    assert res.exit_code == 1 and "model_after" in res.output
