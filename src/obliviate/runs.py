@@ -154,6 +154,9 @@ class RunDir:
                 break
         return rows
 
+    def rewrite_log(self, rows: list[dict[str, Any]], name: str = "log.jsonl") -> None:
+        atomic_write_text(self.file(name), "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
     def set_status(self, status: str, **extra: Any) -> None:
         self.write_json("status.json", {"status": status, "time": time.time(), **extra})
 

@@ -1,0 +1,172 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+    import obliviate
+    target = obliviate.finetune("smollm2-135m", "data/bench:full", "runs/target")
+    oracle = obliviate.finetune("smollm2-135m", "data/bench:retain", "runs/oracle")
+    obliviate.unlearn(target, "data/bench:forget", "data/bench:retain", "runs/npo", method="npo")
+    obliviate.evaluate("runs/npo/model", "data/bench", "runs/npo", label="unlearned",
+                       oracle_eval="runs/oracle/eval/oracle.json")
+
+Every call writes a run directory (obliviate.runs) and refuses to overwrite one unless
+``overwrite=True``; ``resume=True`` continues an interrupted run (a finished one is returned as is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
+from obliviate.data.qa import QADataset, load_qa
+from obliviate.models.loading import load_model, load_tokenizer, save_checkpoint
+from obliviate.runs import RunDir
+from obliviate.training.config import TrainConfig
+
+DataSpec = str | Path | QADataset
+
+
+def as_dataset(data: DataSpec, skip_bad: bool = False) -> QADataset:
+    return data if isinstance(data, QADataset) else load_qa(data, skip_bad=skip_bad)
+
+
+def fingerprint(ds: QADataset) -> dict[str, Any]:
+    """sha256 of the rows' canonical JSON (content, not file bytes, so any format gives one value)."""
+    import json
+
+    h = hashlib.sha256()
+    for ex in ds.examples:
+        row = {k: v for k, v in ex.to_json().items() if k != "row"}
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return {"source": ds.source, "n": len(ds), "skipped": ds.skipped, "sha256": h.hexdigest()}
+
+
+def _train_config(train: TrainConfig | dict | None, defaults: dict[str, Any]) -> TrainConfig:
+    if isinstance(train, TrainConfig):
+        return train
+    return TrainConfig.from_dict({**defaults, **(train or {})})
+
+
+def _open(out: str | Path, overwrite: bool, resume: bool) -> RunDir:
+    return RunDir.create(out, overwrite=overwrite, resume=resume and Path(out).exists())
+
+
+FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 10, "lr": 2e-4, "batch_size": 8, "warmup_ratio": 0.1}
+UNLEARN_DEFAULTS: dict[str, Any] = {"epochs": 5, "lr": 1e-5, "batch_size": 8, "warmup_ratio": 0.0,
+                                    "scheduler": "constant"}
+
+
+def _device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _run_training(run: RunDir, config: dict, model_spec: str, method, primary: QADataset, train: TrainConfig, *,
+                  retain: QADataset | None, dtype: str, system_prompt: str | None, max_length: int,
+                  trust_remote_code: bool, progress: bool, resume: bool, description: str,
+                  sample_weights=None, param_masks=None, on_eval=None, model=None) -> Path:
+    from obliviate.training.loop import train as train_loop
+
+    run.write_config(config, seed=train.seed)
+    data = {"train" if description == "finetune" else "forget": fingerprint(primary)}
+    if retain is not None:
+        data["retain"] = fingerprint(retain)
+    run.write_json("data.json", data)
+    run.set_status("running")
+    try:
+        tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
+        if model is None:
+            model = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        fmt = ChatFormat(tokenizer, system_prompt=system_prompt, max_length=max_length)
+        result = train_loop(model, tokenizer, method, primary, train, retain=retain, fmt=fmt, run=run,
+                            resume=resume, sample_weights=sample_weights, param_masks=param_masks,
+                            on_eval=on_eval, progress=progress, description=description)
+        out = save_checkpoint(result.model, tokenizer, run.file("model"), merge_lora=train.merge_lora)
+        run.write_json("train_stats.json", {"steps": result.steps, "seconds": round(result.seconds, 3),
+                                            "tokens": result.tokens,
+                                            "tokens_per_second": round(result.tokens_per_second, 2),
+                                            "last_loss": result.last_loss})
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    run.set_status("done")
+    return out
+
+
+def finetune(model: str, data: DataSpec, out: str | Path, train: TrainConfig | dict | None = None, *,
+             dtype: str = "float32", system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_length: int = 512,
+             skip_bad: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
+             trust_remote_code: bool = False) -> Path:
+    """Finetune ``model`` on a QA set (to plant knowledge: the target; on retain only: the oracle).
+    Returns the directory of the finetuned checkpoint."""
+    from obliviate.methods import build_method
+
+    run = _open(out, overwrite, resume)
+    if run.status() == "done":
+        return run.file("model")
+    train = _train_config(train, FINETUNE_DEFAULTS)
+    ds = as_dataset(data, skip_bad)
+    config = {"command": "finetune", "model": str(model), "data": ds.source, "dtype": dtype,
+              "system_prompt": system_prompt, "max_length": max_length, "train": train.to_dict()}
+    return _run_training(run, config, str(model), build_method("sft"), ds, train, retain=None, dtype=dtype,
+                         system_prompt=system_prompt, max_length=max_length, trust_remote_code=trust_remote_code,
+                         progress=progress, resume=resume, description="finetune")
+
+
+def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: str | Path, method: str = "npo",
+            method_options: dict[str, Any] | None = None, train: TrainConfig | dict | None = None, *,
+            dtype: str = "float32", system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_length: int = 512,
+            skip_bad: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
+            trust_remote_code: bool = False, sample_weights: torch.Tensor | None = None,
+            param_masks: dict[str, torch.Tensor] | None = None,
+            on_eval: Callable[[torch.nn.Module, int], None] | None = None,
+            extra_config: dict[str, Any] | None = None) -> Path:
+    """Unlearn ``forget`` from ``model`` with a method from ``obliviate.methods`` (see
+    ``list_methods()``), keeping ``retain``. Returns the directory of the unlearned checkpoint."""
+    from obliviate.methods import build_method
+
+    run = _open(out, overwrite, resume)
+    if run.status() == "done":
+        return run.file("model")
+    train = _train_config(train, UNLEARN_DEFAULTS)
+    method_options = dict(method_options or {})
+    built = build_method(method, **dict(method_options))
+    forget_ds = as_dataset(forget, skip_bad)
+    retain_ds = as_dataset(retain, skip_bad) if retain is not None else None
+    config = {"command": "unlearn", "model": str(model), "method": method, "method_options": method_options,
+              "forget": forget_ds.source, "retain": retain_ds.source if retain_ds else None, "dtype": dtype,
+              "system_prompt": system_prompt, "max_length": max_length, "train": train.to_dict(),
+              **(extra_config or {})}
+    return _run_training(run, config, str(model), built, forget_ds, train, retain=retain_ds, dtype=dtype,
+                         system_prompt=system_prompt, max_length=max_length, trust_remote_code=trust_remote_code,
+                         progress=progress, resume=resume, description=f"unlearn ({method})",
+                         sample_weights=sample_weights, param_masks=param_masks, on_eval=on_eval)
+
+
+def evaluate(model: str | Path, benchmark: str | Path | dict[str, QADataset], out: str | Path | None = None, *,
+             label: str = "model", forget_split: str = "forget10", oracle_eval: str | Path | dict | None = None,
+             batch_size: int = 32, max_new_tokens: int = 200, dtype: str = "float32",
+             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_length: int = 512, progress: bool = True,
+             trust_remote_code: bool = False, model_obj=None, tokenizer=None) -> dict:
+    """TOFU evaluation of ``model`` on a benchmark (directory, TOFU directory or hub id) or on given
+    sets. With ``out``, writes ``out/eval/<label>.json``. ``oracle_eval`` (the oracle's eval result
+    or its path) gives forget quality."""
+    from obliviate.data.benchmark import load_benchmark
+    from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model, load_eval, save_eval
+
+    sets = benchmark if isinstance(benchmark, dict) else eval_sets_from_benchmark(load_benchmark(benchmark, forget_split))
+    oracle = load_eval(oracle_eval) if isinstance(oracle_eval, (str, Path)) else oracle_eval
+    if tokenizer is None:
+        tokenizer = load_tokenizer(str(model), trust_remote_code=trust_remote_code)
+    if model_obj is None:
+        model_obj = load_model(str(model), dtype=dtype, device=_device(None), trust_remote_code=trust_remote_code)
+    fmt = ChatFormat(tokenizer, system_prompt=system_prompt, max_length=max_length)
+    start = time.time()
+    result = evaluate_model(model_obj, tokenizer, sets, fmt=fmt, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            oracle=oracle, progress=progress, label=label)
+    result["seconds"] = round(time.time() - start, 3)
+    if out is not None:
+        save_eval(result, Path(out) / "eval" / f"{label}.json")
+    return result

@@ -1,0 +1,62 @@
+"""Training options, validated. The same options drive finetuning and every unlearning method."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 5.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    scheduler: str = "linear"  # linear | constant | cosine
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # adamw | sgd
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    max_steps: int = 0  # 0: epochs decide
+    save_every: int = 0  # optimizer steps between resumable checkpoints; 0: only at the end
+    eval_every: int = 0  # optimizer steps between trajectory evaluations; 0: none
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    merge_lora: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs <= 0 and self.max_steps <= 0:
+            problems.append("epochs must be > 0 (or set max_steps)")
+        for name in ("batch_size", "grad_accum", "lora_r"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.lr <= 0:
+            problems.append("lr must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append("warmup_ratio must be in [0, 1)")
+        if self.scheduler not in ("linear", "constant", "cosine"):
+            problems.append("scheduler must be linear, constant or cosine")
+        if self.optimizer not in ("adamw", "sgd"):
+            problems.append("optimizer must be adamw or sgd")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            problems.append("mixed_precision must be no, bf16 or fp16")
+        if min(self.max_steps, self.save_every, self.eval_every, self.weight_decay, self.max_grad_norm) < 0:
+            problems.append("max_steps, save_every, eval_every, weight_decay and max_grad_norm must be >= 0")
+        if problems:
+            raise ValueError("invalid training options: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training options: {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
