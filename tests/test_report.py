@@ -117,6 +117,9 @@ def test_eval_run_without_metrics_uses_eval_aggregates(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"command": "eval", "model": "m"}))
     ev = fake_eval("mymodel", seed=5)
+    # a set without perturbed answers has no truth ratios (evaluation writes null)
+    ev["sets"]["holdout"] = json.loads(json.dumps(ev["sets"]["retain"]))
+    ev["sets"]["holdout"]["truth_ratio"] = ev["sets"]["holdout"]["per_sample"]["truth_ratio_raw"] = None
     (run / "eval").mkdir()
     (run / "eval" / "mymodel.json").write_text(json.dumps(ev))
     data = load_run(run)
@@ -124,6 +127,7 @@ def test_eval_run_without_metrics_uses_eval_aggregates(tmp_path):
     assert data.models["mymodel"]["model_utility"] == ev["model_utility"]
     text = write_report([run], tmp_path / "out").html.read_text()
     assert f"<td class=''>retain_rouge</td><td class='num'>{fmt(ev['sets']['retain']['rouge'])}</td>" in text
+    assert "<td class=''>holdout_truth_ratio</td><td class=''></td>" in text
 
 
 def test_bad_eval_files_are_named(tmp_path):
