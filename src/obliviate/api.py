@@ -103,11 +103,11 @@ def finetune(model: str, data: DataSpec, out: str | Path, train: TrainConfig | d
     Returns the directory of the finetuned checkpoint."""
     from obliviate.methods import build_method
 
+    train = _train_config(train, FINETUNE_DEFAULTS)
+    ds = as_dataset(data, skip_bad)  # bad data fails before any run directory is made
     run = _open(out, overwrite, resume)
     if run.status() == "done":
         return run.file("model")
-    train = _train_config(train, FINETUNE_DEFAULTS)
-    ds = as_dataset(data, skip_bad)
     config = {"command": "finetune", "model": str(model), "data": ds.source, "dtype": dtype,
               "system_prompt": system_prompt, "max_length": max_length, "train": train.to_dict()}
     return _run_training(run, config, str(model), build_method("sft"), ds, train, retain=None, dtype=dtype,
@@ -127,14 +127,14 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
     ``list_methods()``), keeping ``retain``. Returns the directory of the unlearned checkpoint."""
     from obliviate.methods import build_method
 
-    run = _open(out, overwrite, resume)
-    if run.status() == "done":
-        return run.file("model")
     train = _train_config(train, UNLEARN_DEFAULTS)
     method_options = dict(method_options or {})
     built = build_method(method, **dict(method_options))
-    forget_ds = as_dataset(forget, skip_bad)
+    forget_ds = as_dataset(forget, skip_bad)  # bad input fails before any run directory is made
     retain_ds = as_dataset(retain, skip_bad) if retain is not None else None
+    run = _open(out, overwrite, resume)
+    if run.status() == "done":
+        return run.file("model")
     config = {"command": "unlearn", "model": str(model), "method": method, "method_options": method_options,
               "forget": forget_ds.source, "retain": retain_ds.source if retain_ds else None, "dtype": dtype,
               "system_prompt": system_prompt, "max_length": max_length, "train": train.to_dict(),
