@@ -1,0 +1,51 @@
+"""Unlearning methods: one small loss each, composable.
+
+Interface with the training loop
+--------------------------------
+``build_method(name, **hparams) -> Method`` builds a method; ``list_methods()`` names them all.
+The loop, once per step, calls::
+
+    loss, logs = method(StepInputs(model, forget=batch, retain=retain_batch, ref_model=ref, step=step))
+
+``loss`` is a scalar tensor with a graph; ``logs`` maps ``loss``, ``forget_loss`` (and
+``retain_loss``) to floats. Batches are those of docs/ARCHITECTURE.md: a forget batch is
+``{"answer": view, "idk": view?, "index", "weight", "ref_logp"?}``, a retain batch
+``{"answer": view, "index"}``, each view from ``data.chat.pad_batch``. A method declares:
+
+- ``name``: str
+- ``needs_ref_model``: a frozen copy of the starting model must be passed as ``ref_model`` (KL, RMU).
+- ``needs_ref_logps``: ``forget["ref_logp"]`` must hold ``{view: summed log-prob [B]}`` of every view
+  in ``views`` under the starting model, computed once before training with
+  ``reference_logps(ref_model, {view: batch[view] ...})`` (NPO, IdkDPO). Compute them in the same
+  precision as training so that the log-ratio starts at 0.
+- ``views``: the forget views its batches must carry ("answer", "idk").
+- ``uses_retain``: it needs a retain batch every step (retain=None is a ValueError).
+- ``trainable(name) -> bool``: whether the parameter ``name`` may train (RMU: only the MLPs of
+  layers L-2..L). Call ``bind(model)`` first: it fixes model-dependent defaults (RMU's middle layer).
+  ``method(...)`` binds on its first call anyway, but the optimiser is usually built before that.
+
+Every method is a :class:`Composite`::
+
+    loss = forget_weight * mean_i(weight_i * forget_i) + retain_weight * retain
+
+where ``forget_i`` is a forget objective's per-sample loss (``ga``, ``nll``, ``idk_nll``, ``npo``,
+``simnpo``, ``idk_dpo``, ``rmu``), ``weight_i = forget["weight"]`` and ``retain`` a retain
+regulariser's scalar (``nll``, ``kl``, ``rmu``) computed from the retain batch only. Presets:
+``ga graddiff ga_kl npo npo_kl npo_only simnpo idk_nll idk_dpo rmu sft``; any pair with
+``build_method("custom", forget="npo", retain="kl", beta=0.05, retain_weight=2.0)``.
+``sft`` is plain NLL on the forget stream: the loop finetunes by passing its data as the forget batch.
+
+Helpers (``common``): ``sequence_logps``, ``per_sample_nll``, ``kl_on_labels``, ``reference_logps``,
+``hidden_states_at``. Losses are computed in float32.
+"""
+
+from obliviate.methods.base import Method, Objective, StepInputs
+from obliviate.methods.common import (hidden_states_at, kl_on_labels, per_sample_nll, reference_logps,
+                                      sequence_logps)
+from obliviate.methods.composite import Composite
+from obliviate.methods.registry import FORGET, PRESETS, RETAIN, build_method, list_methods
+
+__all__ = [
+    "Method", "Objective", "StepInputs", "Composite", "build_method", "list_methods", "PRESETS", "FORGET",
+    "RETAIN", "sequence_logps", "per_sample_nll", "kl_on_labels", "reference_logps", "hidden_states_at",
+]

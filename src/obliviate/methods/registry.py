@@ -1,0 +1,120 @@
+"""Methods by name: presets, and ``custom`` for any forget objective + retain regulariser."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from obliviate.methods.base import Objective
+from obliviate.methods.composite import Composite
+from obliviate.methods.dpo import IdkDPO
+from obliviate.methods.ga import GradientAscent
+from obliviate.methods.kl import RetainKL
+from obliviate.methods.nll import NLL, IdkNLL, RetainNLL
+from obliviate.methods.npo import NPO
+from obliviate.methods.rmu import RMUForget, RMURetain
+from obliviate.methods.simnpo import SimNPO
+
+FORGET: dict[str, type[Objective]] = {
+    "ga": GradientAscent, "nll": NLL, "idk_nll": IdkNLL, "npo": NPO, "simnpo": SimNPO,
+    "idk_dpo": IdkDPO, "rmu": RMUForget,
+}
+RETAIN: dict[str, type[Objective]] = {"nll": RetainNLL, "kl": RetainKL, "rmu": RMURetain}
+WEIGHTS = ("forget_weight", "retain_weight")
+
+
+@dataclass(frozen=True)
+class Preset:
+    forget: str
+    retain: str | None
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "ga": Preset("ga", None, "gradient ascent on the forget answers (Jang et al. 2023, arXiv 2210.01504)"),
+    "graddiff": Preset("ga", "nll", "gradient ascent + retain NLL (Liu et al. 2022, arXiv 2203.12817; TOFU)"),
+    "ga_kl": Preset("ga", "kl", "gradient ascent + KL(ref || model) on retain answers (TOFU, arXiv 2401.06121)"),
+    "npo": Preset("npo", "nll", "NPO, beta=0.1, + retain NLL (NPO+RT; Zhang et al. 2024, arXiv 2404.05868)"),
+    "npo_kl": Preset("npo", "kl", "NPO + KL(ref || model) on retain answers (arXiv 2404.05868)"),
+    "npo_only": Preset("npo", None, "NPO alone, no retain term (arXiv 2404.05868)"),
+    "simnpo": Preset("simnpo", "nll", "SimNPO, reference-free, beta=2.5 gamma=0, + retain NLL "
+                                      "(Fan et al. 2024, arXiv 2410.07163)"),
+    "idk_nll": Preset("idk_nll", "nll", "NLL on refusal answers + retain NLL (TOFU IdkNLL, arXiv 2401.06121)"),
+    "idk_dpo": Preset("idk_dpo", "nll", "DPO preferring refusals to the true answers, beta=0.1, + retain NLL "
+                                        "(Rafailov et al. 2023, arXiv 2305.18290)"),
+    "rmu": Preset("rmu", "rmu", "RMU: steer layer-L activations of forget tokens to c*u, keep retain ones "
+                                "(Li et al. 2024, arXiv 2403.03218); retain_weight is their alpha"),
+    "sft": Preset("nll", None, "plain NLL on the training answers (finetuning)"),
+}
+
+
+def list_methods() -> dict[str, str]:
+    """Method names and one-line descriptions, ``custom`` included."""
+    out = {name: p.description for name, p in PRESETS.items()}
+    out["custom"] = (f"forget=<{'|'.join(FORGET)}> retain=<{'|'.join(RETAIN)}|none>, "
+                     "with forget_weight, retain_weight and the parts' options")
+    return out
+
+
+def _options(cls: type[Objective]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+
+
+def _weight(name: str, value) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return x
+
+
+def _lookup(table: dict[str, type[Objective]], key, role: str) -> type[Objective]:
+    if key not in table:
+        raise ValueError(f"unknown {role} objective {key!r}; valid: {', '.join(table)}")
+    return table[key]
+
+
+def build_method(name: str, **hparams) -> Composite:
+    """A method by preset name, or ``custom`` with ``forget=`` and ``retain=`` part names.
+
+    Other keyword arguments are ``forget_weight``, ``retain_weight`` and the parts' options (e.g.
+    ``beta``, ``gamma``, ``layer``, ``steering_coeff``, ``seed``, ``tokens``); an option no part
+    takes is a ValueError listing the valid ones.
+    """
+    if name == "custom":
+        if "forget" not in hparams:
+            raise ValueError(f"custom needs forget=<{'|'.join(FORGET)}>")
+        forget_key = hparams.pop("forget")
+        retain_key = hparams.pop("retain", None)
+        retain_key = None if retain_key in (None, "none", "") else retain_key
+        label = f"custom({forget_key}+{retain_key or 'none'})"
+    elif name in PRESETS:
+        preset = PRESETS[name]
+        for key in ("forget", "retain"):
+            if key in hparams:
+                raise ValueError(f"'{key}' is an option of 'custom', not of the preset '{name}'")
+        forget_key, retain_key, label = preset.forget, preset.retain, name
+    else:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(list_methods())}")
+
+    forget_cls = _lookup(FORGET, forget_key, "forget")
+    retain_cls = _lookup(RETAIN, retain_key, "retain") if retain_key is not None else None
+    valid = ["forget_weight"] + (["retain_weight"] if retain_cls else [])
+    valid += [o for cls in (forget_cls, retain_cls) if cls for o in _options(cls) if o not in valid]
+    unknown = sorted(set(hparams) - set(valid))
+    if unknown:
+        raise ValueError(f"method '{label}' does not take {', '.join(unknown)}; valid options: {', '.join(valid)}")
+
+    def build(cls: type[Objective]) -> Objective:
+        return cls(**{k: v for k, v in hparams.items() if k in _options(cls)})
+
+    return Composite(
+        forget=build(forget_cls),
+        retain=build(retain_cls) if retain_cls else None,
+        forget_weight=_weight("forget_weight", hparams.get("forget_weight", 1.0)),
+        retain_weight=_weight("retain_weight", hparams.get("retain_weight", 1.0)),
+        name=label,
+    )
