@@ -128,7 +128,15 @@ def test_model_before_not_local_is_a_gap_unless_recorded(tmp_path):
 
 def test_data_changed_since_the_run_fails(tmp_path):
     run = make_unlearn_run(tmp_path)
-    with (tmp_path / "data" / "forget.jsonl").open("a") as fh:
+    forget = tmp_path / "data" / "forget.jsonl"
+    # the same rows written differently: the data (rows) is unchanged, the file's bytes are not
+    rows = [json.loads(line) for line in forget.read_text().splitlines()]
+    forget.write_text("".join(json.dumps({"answer": r["answer"], "question": r["question"]}, indent=None) + "\n"
+                              for r in rows))
+    rec = certify(run, Thresholds(min_forget_quality=0.0))
+    assert _check(rec, "forget_data_unchanged")["verdict"] == "pass"
+    assert _file(rec, "forget_data")["sha256"] == hashlib.sha256(forget.read_bytes()).hexdigest()
+    with forget.open("a") as fh:
         fh.write('{"question": "new?", "answer": "row"}\n')
     rec = certify(run, Thresholds(min_forget_quality=0.0))
     check = _check(rec, "forget_data_unchanged")

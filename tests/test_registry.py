@@ -60,14 +60,17 @@ def write_model(path: Path, seed: int = 0) -> Path:
 
 
 def write_data(root: Path) -> dict:
-    """Forget and retain QA files; returns the data.json manifest (sha256 = sha256_path(source))."""
+    """Forget and retain QA files and their data.json manifest, fingerprinted as the pipeline does."""
+    from obliviate.api import fingerprint
+    from obliviate.data.qa import load_qa
+
     manifest = {}
     for role, n in (("forget", 6), ("retain", 10)):
         path = root / f"{role}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = [{"question": f"SECRET-{role}-question {i}?", "answer": f"SECRET-{role}-answer {i}."} for i in range(n)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        manifest[role] = {"source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "n": n}
+        manifest[role] = fingerprint(load_qa(path))
     return manifest
 
 

@@ -132,19 +132,35 @@ def _model_before(run_dir: Path, config: dict[str, Any], env: dict[str, Any]) ->
             "source": "recorded" if recorded else "missing"}
 
 
+def data_fingerprint(source: str, skip_bad: bool = False) -> str | None:
+    """The data.json fingerprint of a QA file as a run computes it now (None if it no longer loads)."""
+    from obliviate.api import fingerprint
+    from obliviate.data.qa import DataError, load_qa
+
+    try:
+        return fingerprint(load_qa(source, skip_bad=skip_bad))["sha256"]
+    except DataError:
+        return None
+
+
 def _data_entries(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """File entries for each data role, and a check per local file that it still is what the run used."""
+    """A file entry per data role, and per local file a check that its rows still are what the run used.
+
+    data.json's ``sha256`` fingerprints the rows (``obliviate.api.fingerprint``), so the check
+    recomputes that; the entry's own ``sha256`` is of the file's bytes, which ``verify`` re-hashes.
+    """
     entries, checks = [], []
     for role, spec in manifest.items():
         if not isinstance(spec, dict):
             continue
         recorded, source = spec.get("sha256"), spec.get("source")
-        entry = {"type": "file", "role": f"{role}_data", "path": None, "spec": source, "sha256": recorded,
-                 "n": spec.get("n"), "source": "recorded" if recorded else "missing"}
-        if isinstance(source, str) and Path(source).exists():
-            entry = {**_file_entry(f"{role}_data", Path(source)), "n": spec.get("n"), "recorded_sha256": recorded}
-            checks.append({"name": f"{role}_data_unchanged", "op": "==", "threshold": recorded,
-                           "value": entry["sha256"], "verdict": judge("==", entry["sha256"], recorded)})
+        entry = {"type": "file", "role": f"{role}_data", "path": None, "spec": source, "sha256": None,
+                 "content_sha256": recorded, "n": spec.get("n"), "source": "recorded" if recorded else "missing"}
+        if isinstance(source, str) and Path(source).is_file():
+            entry.update(path=str(Path(source).resolve()), sha256=sha256_path(source), exclude=[], source="hashed")
+            current = data_fingerprint(source, skip_bad=bool(spec.get("skipped")))
+            checks.append({"name": f"{role}_data_unchanged", "op": "==", "threshold": recorded, "value": current,
+                           "verdict": judge("==", current, recorded)})
         entries.append(entry)
     return entries, checks
 
@@ -187,7 +203,7 @@ def certify(run_dir: str | Path, thresholds: Thresholds) -> dict[str, Any]:
     files += data_files
     if files[0]["sha256"] is None:
         gaps.append(f"no fingerprint of the model before unlearning (config model: {files[0].get('spec')!r})")
-    if not any(f["role"] == "forget_data" and f["sha256"] for f in files):
+    if not any(f["role"] == "forget_data" and f["content_sha256"] for f in files):
         gaps.append("no fingerprint of the forget data (data.json has no forget.sha256)")
 
     configs = [{"type": "config", "run": ".", "sha256": config_hash(config), "config": config}]
@@ -363,8 +379,11 @@ def render_record_html(record: dict[str, Any]) -> str:
                "<th>how</th></tr>")
     for f in by_type.get("file", []):
         where = f.get("path") or f.get("spec")
-        out.append(f"<tr><td>{_e(f['role'])}{' (' + _e(f['n']) + ' rows)' if f.get('n') is not None else ''}</td>"
-                   f"<td><code>{_e(where)}</code></td><td><code>{_e(f.get('sha256'))}</code></td>"
+        rows = f" ({_e(f['n'])} rows)" if f.get("n") is not None else ""
+        shas = [("file", f.get("sha256")), ("rows", f.get("content_sha256"))]
+        sha = "<br>".join(f"{kind}: <code>{_e(v)}</code>" if "content_sha256" in f else f"<code>{_e(v)}</code>"
+                          for kind, v in shas if v)
+        out.append(f"<tr><td>{_e(f['role'])}{rows}</td><td><code>{_e(where)}</code></td><td>{sha or 'none'}</td>"
                    f"<td>{_e(f.get('source'))}</td></tr>")
     out.append("</table>")
     for code in by_type.get("code", []):

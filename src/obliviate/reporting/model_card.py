@@ -72,7 +72,8 @@ def render_model_card(info: Mapping[str, Any]) -> str:
               f"{info.get('obliviate_version', '')} by applying `{method}` to {source}"
               + (f" (sha256 `{info['base_model_sha256']}`)." if info.get("base_model_sha256") else "."), ""]
     lines += ["## What was forgotten", "",
-              "Data is identified by fingerprint only; its content and file names are deliberately not listed.", "",
+              "Data is identified by fingerprint only (sha256 of its rows, as recorded in the run's data.json); "
+              "its content and file names are deliberately not listed.", "",
               "| data | sha256 | rows |", "|---|---|---|"]
     for role, spec in (info.get("data") or {}).items():
         what = "forgotten" if role == "forget" else "kept (used to preserve utility)" if role == "retain" else role
