@@ -58,7 +58,7 @@ def score_views(model, batch: dict[str, torch.Tensor]) -> list[TokenScores]:
         tok_lp = logp.gather(-1, target[:, None]).squeeze(-1)
         p = logp.exp()
         mean = (p * logp).sum(-1)
-        var = (p * logp.pow(2)).sum(-1) - mean.pow(2)
+        var = (p * (logp - mean[:, None]).pow(2)).sum(-1)  # centred: no cancellation on flat rows
         out.append(TokenScores(
             logprobs=tok_lp.cpu().numpy(),
             argmax_match=(logp.argmax(-1) == target).cpu().numpy(),

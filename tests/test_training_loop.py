@@ -1,0 +1,130 @@
+"""The shared training loop: finetuning learns, unlearning moves the right way, masks freeze weights,
+checkpoints resume to the same result, logs and configs are written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from obliviate.data.benchmark import load_benchmark
+from obliviate.data.chat import ChatFormat
+from obliviate.evaluation.logprobs import score_pairs
+from obliviate.methods import build_method
+from obliviate.models.loading import load_model, load_tokenizer
+from obliviate.runs import RunDir
+from obliviate.training.config import TrainConfig
+from obliviate.training.loop import train
+
+
+def mean_nll(model, tok, ds):
+    return sum(s.nll for s in score_pairs(model, ChatFormat(tok), [(e.question, e.answer) for e in ds])) / len(ds)
+
+
+@pytest.fixture()
+def parts(tiny_model_dir, small_bench):
+    bench = load_benchmark(small_bench)
+    return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), bench
+
+
+def test_finetune_lowers_loss_and_logs(parts, tmp_path):
+    model, tok, bench = parts
+    data = bench.split("train")
+    before = mean_nll(model, tok, data)
+    run = RunDir.create(tmp_path / "run")
+    res = train(model, tok, build_method("sft"), data, TrainConfig(epochs=3, lr=3e-3, batch_size=4), run=run,
+                progress=False)
+    assert mean_nll(res.model, tok, data) < before - 0.5
+    log = run.read_log()
+    assert [r["step"] for r in log] == list(range(1, res.steps + 1))
+    assert res.tokens > 0 and all("loss" in r and "lr" in r for r in log)
+
+
+def test_gradient_ascent_raises_forget_loss_more_than_retain(parts):
+    model, tok, bench = parts
+    forget, retain = bench.split("forget"), bench.split("retain")
+    f0, r0 = mean_nll(model, tok, forget), mean_nll(model, tok, retain)
+    res = train(model, tok, build_method("graddiff"), forget, TrainConfig(epochs=3, lr=2e-3, batch_size=2,
+                warmup_ratio=0, scheduler="constant"), retain=retain, progress=False)
+    f1, r1 = mean_nll(res.model, tok, forget), mean_nll(res.model, tok, retain)
+    assert f1 > f0 + 0.1
+    assert (f1 - f0) > (r1 - r0)
+
+
+def test_retain_required(parts):
+    model, tok, bench = parts
+    with pytest.raises(ValueError, match="retain"):
+        train(model, tok, build_method("graddiff"), bench.split("forget"), TrainConfig(), progress=False)
+
+
+def test_weight_mask_freezes_weights_bit_exactly_with_weight_decay(parts):
+    model, tok, bench = parts
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) < 0.3
+             for i, (n, p) in enumerate(model.named_parameters())}
+    res = train(model, tok, build_method("npo"), bench.split("forget"),
+                TrainConfig(epochs=2, lr=1e-2, weight_decay=0.1, batch_size=2), retain=bench.split("retain"),
+                param_masks=masks, progress=False)
+    moved = 0
+    for n, p in res.model.named_parameters():
+        frozen = ~masks[n]
+        assert torch.equal(p.detach()[frozen], before[n][frozen]), n
+        moved += int((p.detach()[masks[n]] != before[n][masks[n]]).sum())
+    assert moved > 0
+
+
+def test_mask_shape_errors(parts):
+    model, tok, bench = parts
+    name = next(iter(dict(model.named_parameters())))
+    with pytest.raises(ValueError, match="shape"):
+        train(model, tok, build_method("ga"), bench.split("forget"), TrainConfig(),
+              param_masks={name: torch.ones(3, dtype=torch.bool)}, progress=False)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        train(model, tok, build_method("ga"), bench.split("forget"), TrainConfig(),
+              param_masks={"nope": torch.ones(3, dtype=torch.bool)}, progress=False)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tiny_model_dir, small_bench, tmp_path):
+    bench = load_benchmark(small_bench)
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = TrainConfig(epochs=2, lr=3e-3, batch_size=4, save_every=2, seed=3)
+    data = bench.split("train")
+
+    full = train(load_model(str(tiny_model_dir)), tok, build_method("sft"), data, cfg,
+                 run=RunDir.create(tmp_path / "a"), progress=False).model
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at(model, step):
+        if step == 3:
+            raise Interrupt
+
+    run_b = RunDir.create(tmp_path / "b")
+    with pytest.raises(Interrupt):
+        train(load_model(str(tiny_model_dir)), tok, build_method("sft"), data,
+              TrainConfig(**{**cfg.to_dict(), "eval_every": 3}), run=run_b, on_eval=stop_at, progress=False)
+    assert (tmp_path / "b" / "checkpoints" / "step-2" / "trainer_state.json").exists()
+    resumed = train(load_model(str(tiny_model_dir)), tok, build_method("sft"), data, cfg, run=run_b,
+                    resume=True, progress=False)
+    assert [r["step"] for r in run_b.read_log()] == list(range(1, resumed.steps + 1))
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_lora_trains_adapters_and_merges(parts):
+    model, tok, bench = parts
+    data = bench.split("train")
+    before = mean_nll(model, tok, data)
+    res = train(model, tok, build_method("sft"), data, TrainConfig(epochs=2, lr=1e-2, batch_size=4, lora=True,
+                lora_r=4), progress=False)
+    assert not any("lora" in n for n, _ in res.model.named_parameters())  # merged back
+    assert mean_nll(res.model, tok, data) < before
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="unknown training options: nope"):
+        TrainConfig.from_dict({"nope": 1})
