@@ -1,0 +1,73 @@
+"""The command line: help lists every option, bad input gives clear errors, and the whole pipeline
+runs through `obliviate demo` on a tiny model (integration test), resumes, and refuses to overwrite."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+from typer.testing import CliRunner
+
+from obliviate.cli.main import app
+from obliviate.training.config import TrainConfig
+
+runner = CliRunner()
+
+
+def run(*args):
+    # Wide terminal so rich does not truncate long option names in --help.
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False, env={"COLUMNS": "300"})
+
+
+def test_help_lists_commands_and_every_training_option():
+    out = run("--help").output
+    for command in ("finetune", "unlearn", "evaluate", "demo", "methods", "synth", "report", "certify", "runs"):
+        assert command in out
+    for command in ("finetune", "unlearn"):
+        text = run(command, "--help").output
+        for f in fields(TrainConfig):
+            assert "--" + f.name.replace("_", "-") in text, (command, f.name)
+
+
+def test_methods_lists_options():
+    out = run("methods").output
+    assert "npo" in out and "beta=0.1" in out and "rmu" in out
+
+
+def test_bad_options_and_data_are_clear_errors(tmp_path, tiny_model_dir):
+    res = run("unlearn", "--model", tiny_model_dir, "--forget", tmp_path / "none.jsonl", "--out", tmp_path / "r")
+    assert res.exit_code == 2 and "none.jsonl" in res.output and "not a file" in res.output
+    assert not (tmp_path / "r").exists()  # nothing created for a run that cannot start
+    res = run("finetune", tmp_path / "x.jsonl", "--out", tmp_path / "r", "--lr", "-1")
+    assert res.exit_code != 0 and "lr must be > 0" in res.output
+    res = run("unlearn", "--model", tiny_model_dir, "--forget", "x", "--out", tmp_path / "r", "-m", "beta")
+    assert res.exit_code != 0 and "key=value" in res.output
+    (tmp_path / "c.yaml").write_text("train: [1,\n")
+    res = run("finetune", tmp_path / "x.jsonl", "--out", tmp_path / "r", "--config", tmp_path / "c.yaml")
+    assert res.exit_code != 0 and "c.yaml" in res.output and "invalid YAML" in res.output
+
+
+def test_demo_pipeline_end_to_end_resume_and_no_overwrite(tmp_path, tiny_model_dir):
+    args = ["demo", "--model", tiny_model_dir, "--out", tmp_path / "demo", "--n-entities", 6,
+            "--facts-per-entity", 3, "--forget-fraction", 0.34, "--finetune-epochs", 2, "--finetune-lr", 3e-3,
+            "--unlearn-epochs", 2, "--unlearn-lr", 1e-3, "--max-new-tokens", 8, "--no-progress"]
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"target", "oracle", "unlearned"}
+    for label in ("target", "oracle", "unlearned"):
+        ev = json.loads((tmp_path / "demo" / "eval" / f"{label}.json").read_text())
+        assert len(ev["sets"]["forget"]["per_sample"]["truth_ratio_raw"]) == ev["sets"]["forget"]["n"]
+    assert metrics["models"]["oracle"]["forget_quality"] == pytest.approx(1.0)
+    assert "Forgotten" in (tmp_path / "demo" / "summary.md").read_text()
+    for stage in ("target", "oracle", "unlearn"):
+        assert (tmp_path / "demo" / stage / "model" / "model.safetensors").exists()
+        assert json.loads((tmp_path / "demo" / stage / "status.json").read_text())["status"] == "done"
+
+    res = run(*args)
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    before = (tmp_path / "demo" / "unlearn" / "model" / "model.safetensors").stat().st_mtime_ns
+    res = run(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "demo" / "unlearn" / "model" / "model.safetensors").stat().st_mtime_ns == before
