@@ -28,3 +28,9 @@ def small_bench(tmp_path_factory):
 
     cfg = SyntheticConfig(n_entities=6, facts_per_entity=3, forget_fraction=0.34, seed=0)
     return write_benchmark(generate_benchmark(cfg), tmp_path_factory.mktemp("bench") / "bench", cfg)
+
+
+@pytest.fixture(autouse=True)
+def _private_registry(tmp_path, monkeypatch):
+    # Tests never write to the user's run registry.
+    monkeypatch.setenv("OBLIVIATE_REGISTRY", str(tmp_path / "runs.db"))

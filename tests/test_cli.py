@@ -71,3 +71,21 @@ def test_demo_pipeline_end_to_end_resume_and_no_overwrite(tmp_path, tiny_model_d
     res = run(*args, "--resume")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "demo" / "unlearn" / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_runs_are_recorded_in_the_registry_with_model_card(tmp_path, tiny_model_dir, small_bench):
+    from obliviate.reporting.registry import Registry
+
+    res = run("finetune", f"{small_bench}:forget", "--out", tmp_path / "ft", "--model", tiny_model_dir,
+              "--epochs", 1, "--no-progress")
+    assert res.exit_code == 0, res.output
+    res = run("unlearn", "--model", tmp_path / "ft" / "model", "--forget", f"{small_bench}:forget",
+              "--retain", f"{small_bench}:retain", "--method", "graddiff", "--out", tmp_path / "ul", "--epochs", 1,
+              "--no-progress")
+    assert res.exit_code == 0, res.output
+    rows = {r.kind: r for r in Registry().list_runs()}
+    assert rows["finetune"].status == "done" and rows["unlearn"].status == "done"
+    assert rows["unlearn"].method == "graddiff" and rows["unlearn"].model_sha256
+    card = (tmp_path / "ul" / "model" / "README.md").read_text()
+    assert "graddiff" in card and "forget" in card.lower()
+    assert "Where was" not in card  # fingerprints, never content

@@ -63,18 +63,68 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class RunRecorder:
+    """Records a run in the run registry (obliviate.reporting.registry) from start to finish.
+
+    ``OBLIVIATE_REGISTRY=off`` disables it. A registry problem is reported, never fatal: it must
+    not cost anyone a finished training run."""
+
+    def __init__(self, run: RunDir, kind: str, resume: bool, parent_id: str | None = None):
+        import os
+        import warnings
+
+        self.registry, self.run_id = None, None
+        if os.environ.get("OBLIVIATE_REGISTRY", "").lower() == "off":
+            return
+        try:
+            from obliviate.reporting.registry import Registry
+
+            self.registry = Registry()
+            self.run_id = self.registry.record_start(run.path, kind=kind, parent_id=parent_id, resume=resume)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            warnings.warn(f"run registry unavailable: {exc}")
+            self.registry = None
+
+    def finish(self, status: str, children: tuple[Path, ...] = ()) -> None:
+        """Record the end of the run, and register finished sub-runs as its children."""
+        if self.registry is None:
+            return
+        try:
+            self.registry.record_finish(self.run_id, status=status)
+            for child in children:
+                self.registry.add_run(child, parent_id=self.run_id)
+        except Exception as exc:  # noqa: BLE001
+            import warnings
+
+            warnings.warn(f"run registry: could not record the end of the run: {exc}")
+
+
+def model_sha256(spec: str) -> str | None:
+    """Fingerprint of a local model directory (None for a hub id that is not downloaded)."""
+    from obliviate.models.loading import resolve_model_path
+    from obliviate.reporting.registry import model_fingerprint
+
+    try:
+        path = Path(resolve_model_path(spec))
+    except (OSError, ValueError):
+        return None
+    return model_fingerprint(path) if path.is_dir() else None
+
+
 def _run_training(run: RunDir, config: dict, model_spec: str, method, primary: QADataset, train: TrainConfig, *,
                   retain: QADataset | None, dtype: str, system_prompt: str | None, max_length: int,
                   trust_remote_code: bool, progress: bool, resume: bool, description: str,
                   sample_weights=None, param_masks=None, on_eval=None, model=None) -> Path:
     from obliviate.training.loop import train as train_loop
 
+    config = {**config, "model_sha256": model_sha256(model_spec)}
     run.write_config(config, seed=train.seed)
     data = {"train" if description == "finetune" else "forget": fingerprint(primary)}
     if retain is not None:
         data["retain"] = fingerprint(retain)
     run.write_json("data.json", data)
     run.set_status("running")
+    registered = RunRecorder(run, config["command"], resume)
     try:
         tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
         if model is None:
@@ -88,10 +138,16 @@ def _run_training(run: RunDir, config: dict, model_spec: str, method, primary: Q
                                             "tokens": result.tokens,
                                             "tokens_per_second": round(result.tokens_per_second, 2),
                                             "last_loss": result.last_loss})
+        if config["command"] == "unlearn":
+            from obliviate.reporting.model_card import model_card_info, write_model_card
+
+            write_model_card(out, model_card_info(run.path))
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        registered.finish("failed")
         raise
     run.set_status("done")
+    registered.finish("done")
     return out
 
 
@@ -122,19 +178,40 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
             trust_remote_code: bool = False, sample_weights: torch.Tensor | None = None,
             param_masks: dict[str, torch.Tensor] | None = None,
             on_eval: Callable[[torch.nn.Module, int], None] | None = None,
-            extra_config: dict[str, Any] | None = None) -> Path:
+            extra_config: dict[str, Any] | None = None, wagle: Any = None, guard: Any = None) -> Path:
     """Unlearn ``forget`` from ``model`` with a method from ``obliviate.methods`` (see
-    ``list_methods()``), keeping ``retain``. Returns the directory of the unlearned checkpoint."""
+    ``list_methods()``), keeping ``retain``. Returns the directory of the unlearned checkpoint.
+
+    ``wagle``: a WAGLE mask file, or options to compute one (``{"rho": 0.2, "gamma": 1e-6, ...}``,
+    ``attribution.WagleConfig``); ``guard``: a GUARD weights file, or options (``{"tau": 1.0, ...}``,
+    ``attribution.GuardConfig``). Computed ones are saved in the run (docs/attribution.md)."""
+    from obliviate.attribution import parse_guard, parse_wagle, prepare_attribution
     from obliviate.methods import build_method
 
     train = _train_config(train, UNLEARN_DEFAULTS)
     method_options = dict(method_options or {})
     built = build_method(method, **dict(method_options))
+    wagle, guard = parse_wagle(wagle), parse_guard(guard)  # bad options fail before the run directory
+    if wagle is not None and train.lora:
+        raise ValueError("WAGLE masks the model's own weights; it cannot be combined with LoRA (set lora off)")
     forget_ds = as_dataset(forget, skip_bad)  # bad input fails before any run directory is made
     retain_ds = as_dataset(retain, skip_bad) if retain is not None else None
     run = _open(out, overwrite, resume)
     if run.status() == "done":
         return run.file("model")
+    model_obj = None
+    if wagle is not None or guard is not None:
+        try:
+            tokenizer = load_tokenizer(str(model), trust_remote_code=trust_remote_code)
+            model_obj = load_model(str(model), dtype=dtype, device=_device(None), trust_remote_code=trust_remote_code)
+            fmt = ChatFormat(tokenizer, system_prompt=system_prompt, max_length=max_length)
+            param_masks, sample_weights, attribution_config = prepare_attribution(
+                run, model_obj, fmt, built, forget_ds, retain_ds, lora=train.lora, wagle=wagle, guard=guard,
+                param_masks=param_masks, sample_weights=sample_weights, resume=resume)
+        except BaseException as exc:
+            run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        extra_config = {**(extra_config or {}), **attribution_config}
     config = {"command": "unlearn", "model": str(model), "method": method, "method_options": method_options,
               "forget": forget_ds.source, "retain": retain_ds.source if retain_ds else None, "dtype": dtype,
               "system_prompt": system_prompt, "max_length": max_length, "train": train.to_dict(),
@@ -142,7 +219,7 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
     return _run_training(run, config, str(model), built, forget_ds, train, retain=retain_ds, dtype=dtype,
                          system_prompt=system_prompt, max_length=max_length, trust_remote_code=trust_remote_code,
                          progress=progress, resume=resume, description=f"unlearn ({method})",
-                         sample_weights=sample_weights, param_masks=param_masks, on_eval=on_eval)
+                         sample_weights=sample_weights, param_masks=param_masks, on_eval=on_eval, model=model_obj)
 
 
 def evaluate(model: str | Path, benchmark: str | Path | dict[str, QADataset], out: str | Path | None = None, *,

@@ -3,6 +3,7 @@
     benchmark -> finetune target (train split) and oracle (retain split, same recipe)
               -> evaluate oracle, then target (forget quality needs the oracle's truth ratios)
               -> unlearn the forget split from the target -> evaluate the unlearned model
+              -> privacy of all three (MIA AUC forget vs holdout, PrivLeak vs the oracle, EM/ES)
               -> table + verdict, written to the run directory
 
 Each stage is its own run directory inside the pipeline's (``target/``, ``oracle/``, ``unlearn/``),
@@ -69,11 +70,13 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
     """Run every stage and return ``{"models": {label: summary row}, "verdict": ...}``."""
     from obliviate.evaluation.evaluate import load_eval, summary_row
     from obliviate.evaluation.tofu import forget_quality
+    from obliviate.reporting.model_card import model_card_info, write_model_card
 
     bench = bench if isinstance(bench, Benchmark) else load_benchmark(bench)
     run = RunDir.create(out, overwrite=overwrite, resume=resume and Path(out).exists())
     run.write_config({"command": "pipeline", "benchmark": bench.source, **asdict(cfg)})
     run.set_status("running")
+    recorder = api.RunRecorder(run, "pipeline", resume)
     common = dict(dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length, progress=progress)
     eval_common = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, **common)
     sets = _eval_sets(bench)
@@ -97,19 +100,48 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
                                 method=cfg.method, method_options=cfg.method_options, train=cfg.unlearn,
                                 resume=resume, **common)
         unlearned_eval = evaluated("unlearned", unlearned, oracle_eval)
+        privacy = _privacy(run, bench, {"target": target, "oracle": oracle, "unlearned": unlearned}, cfg, resume,
+                           echo)
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        recorder.finish("failed")
         raise
     rows = {"target": summary_row(target_eval), "oracle": summary_row(oracle_eval),
             "unlearned": summary_row(unlearned_eval)}
     # The oracle against itself (p = 1 by construction), so the table has no hole.
     oracle_r = oracle_eval["sets"]["forget"]["per_sample"]["truth_ratio_raw"]
     rows["oracle"]["forget_quality"] = forget_quality(oracle_r, oracle_r)
+    if privacy is not None:
+        from obliviate.evaluation.privacy import privacy_rows
+
+        for label, extra in privacy_rows(privacy, "oracle").items():
+            rows[label].update(extra)
     result = {"models": rows, "verdict": verdict(rows, cfg.thresholds), "benchmark": bench.source}
     run.write_json("metrics.json", result)
     atomic_write_text(run.file("summary.md"), summary_markdown(result))
+    # The unlearned checkpoint's card, now with the metrics (fingerprints only, never content).
+    write_model_card(unlearned, model_card_info(run.path))
     run.set_status("done")
+    recorder.finish("done", children=tuple(run.file(s) for s in ("target", "oracle", "unlearn")))
     return result
+
+
+def _privacy(run: RunDir, bench: Benchmark, models: dict[str, Path], cfg: PipelineConfig, resume: bool,
+             echo) -> dict | None:
+    """MIA AUCs (forget vs holdout), EM/ES of each model, with the base model as the reference
+    attack's reference; written to ``privacy.json``. None when the benchmark has no holdout split."""
+    from obliviate.evaluation.privacy import privacy_of_models
+
+    if not bench.has("holdout"):
+        return None
+    if resume and run.has("privacy.json"):
+        return run.read_json("privacy.json")
+    echo("[obliviate] privacy evaluation (membership inference, memorisation)")
+    results = privacy_of_models(models, bench.split("forget"), bench.split("holdout"), reference=cfg.model,
+                                dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length,
+                                batch_size=cfg.eval_batch_size)
+    run.write_json("privacy.json", results)
+    return results
 
 
 def _eval_sets(bench: Benchmark):
