@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 
 from obliviate import api
+from obliviate.cli.attribution import (GuardProjectionOpt, GuardTauOpt, GuardWeightsOpt, WagleGammaOpt,
+                                       WagleMaskOpt, WagleRhoOpt, WagleScopeOpt, unlearn_attribution_kwargs)
 from obliviate.cli.options import load_yaml, parse_method_options, train_config, with_train_options
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
 from obliviate.methods import build_method as api_build_method
@@ -35,7 +37,7 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-KNOWN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+KNOWN_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
 
 
 @app.command()
@@ -72,20 +74,30 @@ def unlearn(
     method_option: Annotated[Optional[list[str]], typer.Option(
         "--method-option", "-m", help="Method hyper-parameter key=value, repeatable (e.g. -m beta=0.1 "
         "-m retain_weight=2); `obliviate methods` lists each method's options.")] = None,
+    wagle_mask: WagleMaskOpt = None, wagle_rho: WagleRhoOpt = None, wagle_gamma: WagleGammaOpt = None,
+    wagle_scope: WagleScopeOpt = None, guard_weights: GuardWeightsOpt = None, guard_tau: GuardTauOpt = None,
+    guard_projection_dim: GuardProjectionOpt = None,
     config: Config = None, dtype: Dtype = "float32", system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
     max_length: MaxLength = 512, skip_bad: SkipBad = False, overwrite: Overwrite = False, resume: Resume = False,
     trust_remote_code: RemoteCode = False, no_progress: NoProgress = False, train_overrides: dict | None = None,
 ) -> None:
-    """Unlearn the forget data from a model and write the unlearned model."""
+    """Unlearn the forget data from a model and write the unlearned model.
+
+    With WAGLE options only the weights of the mask may change; with GUARD options forget samples
+    are re-weighted by their alignment with the retain data."""
     yml = load_yaml(config)
     cfg = train_config(api.UNLEARN_DEFAULTS, yml.get("train"), train_overrides or {})
     options = {**yml.get("method_options", {}), **parse_method_options(method_option)}
+    attribution = unlearn_attribution_kwargs(wagle_mask, wagle_rho, wagle_gamma, wagle_scope, guard_weights,
+                                             guard_tau, guard_projection_dim)
+    for key in ("wagle", "guard"):
+        attribution[key] = attribution[key] if attribution[key] is not None else yml.get(key)
     try:
         path = api.unlearn(yml.get("model", model), yml.get("forget", forget), yml.get("retain", retain), out,
                            method=yml.get("method", method), method_options=options, train=cfg, dtype=dtype,
                            system_prompt=system_prompt or None, max_length=max_length, skip_bad=skip_bad,
                            overwrite=overwrite, resume=resume, progress=not no_progress,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, **attribution)
     except KNOWN_ERRORS as exc:
         raise _fail(exc) from None
     console.print(f"unlearned model: {path}")
@@ -233,16 +245,18 @@ def _print_result(result: dict[str, Any], out: Path) -> None:
     console.print(f"run directory: {out}")
 
 
-def _register_evidence() -> None:
+def _register_commands() -> None:
+    from obliviate.cli import attribution
     from obliviate.cli.evidence import certify, report, runs_app, verify
 
     app.command()(report)
     app.command()(certify)
     app.command()(verify)
     app.add_typer(runs_app, name="runs")
+    attribution.register(app)
 
 
-_register_evidence()
+_register_commands()
 
 
 def main() -> None:  # pragma: no cover

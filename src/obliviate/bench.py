@@ -1,0 +1,195 @@
+"""One-command benchmark: methods x forget splits x seeds on one benchmark.
+
+The target (finetuned on the train split) is made once per seed, the oracle once per forget split
+and seed, and each is evaluated once; every cell (method, split, seed) then only unlearns and
+evaluates. Each cell is a full pipeline run directory (``cells/<method>-<split>-s<seed>/``), so the
+report, registry and audit commands work on it. Finished cells are skipped on re-run (resumable).
+
+    benchmark: path/to/tofu          # or a synthetic benchmark directory, or `synthetic: {n_entities: 20}`
+    model: smollm2-135m
+    forget_splits: [forget01, forget05]
+    methods: [npo, graddiff, {name: simnpo, options: {beta: 2.5}}]
+    seeds: [0]
+    finetune: {epochs: 10, lr: 2.0e-4}
+    unlearn: {epochs: 5, lr: 1.0e-5}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from obliviate import api
+from obliviate.data.benchmark import load_benchmark
+from obliviate.models.loading import DEFAULT_MODEL
+from obliviate.pipeline import PipelineConfig, run_pipeline
+from obliviate.runs import RunDir, atomic_write_text
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + "-" + "-".join(f"{k}{v}" for k, v in sorted(self.options.items()))
+
+
+@dataclass
+class BenchConfig:
+    benchmark: str | None = None
+    synthetic: dict[str, Any] | None = None
+    model: str = DEFAULT_MODEL
+    forget_splits: list[str] = field(default_factory=lambda: ["forget10"])
+    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec("npo")])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    finetune: dict[str, Any] = field(default_factory=dict)
+    unlearn: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 200
+    eval_batch_size: int = 32
+    dtype: str = "float32"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "BenchConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: invalid YAML ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "BenchConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: the top level must be a mapping")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
+        if bool(data.get("benchmark")) == bool(data.get("synthetic") is not None):
+            raise ValueError(f"{source}: give exactly one of 'benchmark' (a directory or hub id) or 'synthetic'")
+        methods = []
+        for i, m in enumerate(data.get("methods", ["npo"])):
+            if isinstance(m, str):
+                methods.append(MethodSpec(m))
+            elif isinstance(m, dict) and "name" in m and set(m) <= {"name", "options"}:
+                methods.append(MethodSpec(m["name"], dict(m.get("options") or {})))
+            else:
+                raise ValueError(f"{source}: methods[{i}] must be a name or {{name: ..., options: {{...}}}}")
+        cfg = cls(**{**data, "methods": methods})
+        from obliviate.methods import build_method
+
+        for m in cfg.methods:  # fail now, not after hours of finetuning
+            try:
+                build_method(m.name, **m.options)
+            except ValueError as exc:
+                raise ValueError(f"{source}: {exc}") from None
+        if not cfg.seeds or not cfg.forget_splits:
+            raise ValueError(f"{source}: seeds and forget_splits must not be empty")
+        return cfg
+
+
+def _benchmark_dir(cfg: BenchConfig, out: Path) -> str:
+    if cfg.benchmark:
+        return cfg.benchmark
+    from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
+
+    directory = out / "benchmark"
+    if not (directory / "benchmark.json").exists():
+        scfg = SyntheticConfig(**cfg.synthetic)
+        write_benchmark(generate_benchmark(scfg), directory, scfg)
+    return str(directory)
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+              echo=print) -> list[dict[str, Any]]:
+    """Run every cell not yet finished; write ``leaderboard.json``/``.md`` and an HTML report."""
+    out = Path(out)
+    run = RunDir.create(out, overwrite=overwrite, resume=out.exists() and not overwrite)
+    if run.has("bench.yaml"):
+        previous = yaml.safe_load(run.file("bench.yaml").read_text())
+        if previous != _plain(cfg):
+            echo("[obliviate] note: the config differs from the one this directory was started with; "
+                 "finished cells are kept as they are")
+    else:
+        atomic_write_text(run.file("bench.yaml"), yaml.safe_dump(_plain(cfg), sort_keys=False))
+    bench_dir = _benchmark_dir(cfg, out)
+    cells = []
+    for seed in cfg.seeds:
+        for split in cfg.forget_splits:
+            bench = load_benchmark(bench_dir, forget_split=split)
+            shared = {"target": out / f"target-s{seed}", "oracle": out / f"oracle-{split}-s{seed}",
+                      "target_eval": out / "evals" / f"target-{split}-s{seed}.json",
+                      "oracle_eval": out / "evals" / f"oracle-{split}-s{seed}.json"}
+            for method in cfg.methods:
+                cell = out / "cells" / f"{method.label}-{split}-s{seed}"
+                status = RunDir(cell).status() if cell.exists() else None
+                if status == "done":
+                    echo(f"[obliviate] {cell.name}: done, skipped")
+                else:
+                    echo(f"[obliviate] {cell.name}")
+                    pcfg = PipelineConfig(model=cfg.model, method=method.name, method_options=method.options,
+                                          finetune={**cfg.finetune, "seed": seed}, unlearn={**cfg.unlearn, "seed": seed},
+                                          dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
+                                          eval_batch_size=cfg.eval_batch_size)
+                    run_pipeline(bench, cell, pcfg, resume=cell.exists(), progress=progress, echo=echo, shared=shared)
+                metrics = RunDir(cell).read_json("metrics.json")
+                cells.append({"cell": cell.name, "method": method.label, "split": split, "seed": seed,
+                              **{k: metrics["models"]["unlearned"].get(k) for k in
+                                 ("forget_quality", "model_utility", "forget_rouge", "retain_rouge")},
+                              "forgotten": metrics["verdict"]["forgotten"],
+                              "utility_kept": metrics["verdict"]["utility_kept"]})
+    board = leaderboard(cells)
+    run.write_json("leaderboard.json", {"cells": cells, "leaderboard": board})
+    atomic_write_text(run.file("leaderboard.md"), leaderboard_markdown(board))
+    from obliviate.reporting.report import write_report
+
+    write_report([out / "cells" / c["cell"] for c in cells], out / "report")
+    run.set_status("done")
+    return board
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def leaderboard(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Methods ranked by mean forget quality (higher = closer to the oracle), ties by model utility.
+    Means are over splits and seeds; ``n`` cells each."""
+    by_method: dict[str, list[dict]] = {}
+    for c in cells:
+        by_method.setdefault(c["method"], []).append(c)
+    rows = [{"method": m, "n": len(cs), "forget_quality": _mean([c["forget_quality"] for c in cs]),
+             "model_utility": _mean([c["model_utility"] for c in cs]),
+             "forget_rouge": _mean([c["forget_rouge"] for c in cs]),
+             "forgotten": sum(bool(c["forgotten"]) for c in cs), "utility_kept": sum(bool(c["utility_kept"]) for c in cs)}
+            for m, cs in by_method.items()]
+    rows.sort(key=lambda r: (-(r["forget_quality"] or 0.0), -(r["model_utility"] or 0.0)))
+    for rank, r in enumerate(rows, 1):
+        r["rank"] = rank
+    return rows
+
+
+def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
+    from obliviate.pipeline import _fmt
+
+    lines = ["| rank | method | cells | forget quality | model utility | forget ROUGE-L | forgotten | utility kept |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['rank']} | {r['method']} | {r['n']} | {_fmt(r['forget_quality'])} | "
+                     f"{_fmt(r['model_utility'])} | {_fmt(r['forget_rouge'])} | {r['forgotten']}/{r['n']} | "
+                     f"{r['utility_kept']}/{r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plain(cfg: BenchConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)
