@@ -44,6 +44,8 @@ class PipelineConfig:
     eval_batch_size: int = 32
     max_new_tokens: int = 200
     thresholds: Thresholds = field(default_factory=Thresholds)
+    wagle: dict[str, Any] | str | None = None  # WAGLE options or a mask file (obliviate.attribution)
+    guard: dict[str, Any] | str | None = None  # GUARD options or a weights file
 
 
 def verdict(rows: dict[str, dict[str, Any]], t: Thresholds) -> dict[str, Any]:
@@ -66,9 +68,15 @@ def verdict(rows: dict[str, dict[str, Any]], t: Thresholds) -> dict[str, Any]:
 
 
 def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineConfig, *, overwrite: bool = False,
-                 resume: bool = False, progress: bool = True, echo=print) -> dict[str, Any]:
-    """Run every stage and return ``{"models": {label: summary row}, "verdict": ...}``."""
-    from obliviate.evaluation.evaluate import load_eval, summary_row
+                 resume: bool = False, progress: bool = True, echo=print,
+                 shared: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Run every stage and return ``{"models": {label: summary row}, "verdict": ...}``.
+
+    ``shared`` lets several runs (``obliviate bench`` cells) reuse one target and one oracle: it
+    maps ``target``/``oracle`` to their finetuning run directories and ``target_eval``/
+    ``oracle_eval``/``privacy`` to result files, each made by the first run that needs it."""
+    from obliviate.evaluation.evaluate import load_eval, save_eval, summary_row
+    from obliviate.evaluation.sacrifice import sacrifice_rates
     from obliviate.evaluation.tofu import forget_quality
     from obliviate.reporting.model_card import model_card_info, write_model_card
 
@@ -80,28 +88,37 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
     common = dict(dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length, progress=progress)
     eval_common = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, **common)
     sets = _eval_sets(bench)
+    shared = shared or {}
 
     def evaluated(label: str, model_dir: Path, oracle=None) -> dict:
-        path = run.file(f"eval/{label}.json")
-        if resume and path.exists():
-            return load_eval(path)
+        # A cell keeps its own copy of every result so it is a complete run directory.
+        path, cache = run.file(f"eval/{label}.json"), shared.get(f"{label}_eval")
+        for source in (path, cache):
+            if source is not None and Path(source).exists() and (resume or source == cache):
+                result = load_eval(source)
+                if source == cache:
+                    save_eval(result, path)
+                return result
         echo(f"[obliviate] evaluating {label}")
-        return api.evaluate(model_dir, sets, run.path, label=label, oracle_eval=oracle, **eval_common)
+        result = api.evaluate(model_dir, sets, run.path, label=label, oracle_eval=oracle, **eval_common)
+        if cache is not None:
+            save_eval(result, cache)
+        return result
 
     try:
         echo("[obliviate] finetuning the target on the train split")
-        target = api.finetune(cfg.model, bench.split("train"), run.file("target"), cfg.finetune, resume=resume, **common)
+        target = api.finetune(cfg.model, bench.split("train"), shared.get("target", run.file("target")), cfg.finetune,
+                              resume=resume or "target" in shared, **common)
         echo("[obliviate] finetuning the oracle on the retain split (same recipe)")
-        oracle = api.finetune(cfg.model, bench.split("retain"), run.file("oracle"), cfg.finetune, resume=resume, **common)
+        oracle = api.finetune(cfg.model, bench.split("retain"), shared.get("oracle", run.file("oracle")), cfg.finetune,
+                              resume=resume or "oracle" in shared, **common)
         oracle_eval = evaluated("oracle", oracle)
         target_eval = evaluated("target", target, oracle_eval)
         echo(f"[obliviate] unlearning the forget split with {cfg.method}")
-        unlearned = api.unlearn(target, bench.split("forget"), bench.split("retain"), run.file("unlearn"),
-                                method=cfg.method, method_options=cfg.method_options, train=cfg.unlearn,
-                                resume=resume, **common)
+        unlearned = _unlearn(target, bench, run.file("unlearn"), cfg, resume, common)
         unlearned_eval = evaluated("unlearned", unlearned, oracle_eval)
         privacy = _privacy(run, bench, {"target": target, "oracle": oracle, "unlearned": unlearned}, cfg, resume,
-                           echo)
+                           echo, shared.get("privacy"))
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         recorder.finish("failed")
@@ -111,6 +128,8 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
     # The oracle against itself (p = 1 by construction), so the table has no hole.
     oracle_r = oracle_eval["sets"]["forget"]["per_sample"]["truth_ratio_raw"]
     rows["oracle"]["forget_quality"] = forget_quality(oracle_r, oracle_r)
+    for label, ev in (("oracle", oracle_eval), ("unlearned", unlearned_eval)):
+        rows[label].update({f"sacrifice_{k}": v for k, v in sacrifice_rates(target_eval, ev).items()})
     if privacy is not None:
         from obliviate.evaluation.privacy import privacy_rows
 
@@ -122,24 +141,41 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
     # The unlearned checkpoint's card, now with the metrics (fingerprints only, never content).
     write_model_card(unlearned, model_card_info(run.path))
     run.set_status("done")
-    recorder.finish("done", children=tuple(run.file(s) for s in ("target", "oracle", "unlearn")))
+    recorder.finish("done", children=tuple(run.file(s) for s in ("target", "oracle", "unlearn") if run.file(s).exists()))
     return result
 
 
+def _unlearn(target: Path, bench: Benchmark, out: Path, cfg: PipelineConfig, resume: bool, common: dict) -> Path:
+    if cfg.method == "unierase":
+        from obliviate.unierase import unierase_run
+
+        return unierase_run(target, bench.split("forget"), bench.split("retain"), out, options=cfg.method_options,
+                            resume=resume, **common)
+    return api.unlearn(target, bench.split("forget"), bench.split("retain"), out, method=cfg.method,
+                       method_options=cfg.method_options, train=cfg.unlearn, resume=resume, wagle=cfg.wagle,
+                       guard=cfg.guard, **common)
+
+
 def _privacy(run: RunDir, bench: Benchmark, models: dict[str, Path], cfg: PipelineConfig, resume: bool,
-             echo) -> dict | None:
+             echo, cache: Path | None = None) -> dict | None:
     """MIA AUCs (forget vs holdout), EM/ES of each model, with the base model as the reference
-    attack's reference; written to ``privacy.json``. None when the benchmark has no holdout split."""
+    attack's reference; written to ``privacy.json``. None when the benchmark has no holdout split.
+    ``cache`` holds the target's and oracle's results for runs that share them."""
     from obliviate.evaluation.privacy import privacy_of_models
+    from obliviate.runs import atomic_write_json, read_json
 
     if not bench.has("holdout"):
         return None
     if resume and run.has("privacy.json"):
         return run.read_json("privacy.json")
     echo("[obliviate] privacy evaluation (membership inference, memorisation)")
-    results = privacy_of_models(models, bench.split("forget"), bench.split("holdout"), reference=cfg.model,
-                                dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length,
-                                batch_size=cfg.eval_batch_size)
+    done = read_json(cache) if cache is not None and Path(cache).exists() else {}
+    todo = {label: path for label, path in models.items() if label not in done}
+    results = {**done, **privacy_of_models(todo, bench.split("forget"), bench.split("holdout"), reference=cfg.model,
+                                           dtype=cfg.dtype, system_prompt=cfg.system_prompt,
+                                           max_length=cfg.max_length, batch_size=cfg.eval_batch_size)}
+    if cache is not None and not done:
+        atomic_write_json(cache, {k: v for k, v in results.items() if k in ("target", "oracle")})
     run.write_json("privacy.json", results)
     return results
 

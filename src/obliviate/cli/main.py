@@ -226,6 +226,27 @@ def demo(
     _print_result(result, out)
 
 
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Argument(help="Benchmark YAML: benchmark or synthetic, model, forget_splits, "
+                                                "methods, seeds, finetune, unlearn (see obliviate.bench).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark directory (re-running skips finished cells).")],
+    overwrite: Overwrite = False, no_progress: NoProgress = False,
+) -> None:
+    """Methods x forget splits x seeds on one benchmark, reusing target and oracle; leaderboard and report."""
+    from rich.markdown import Markdown
+
+    from obliviate.bench import BenchConfig, leaderboard_markdown, run_bench
+
+    try:
+        board = run_bench(BenchConfig.from_yaml(config), out, overwrite=overwrite, progress=not no_progress,
+                          echo=console.print)
+    except KNOWN_ERRORS as exc:
+        raise _fail(exc) from None
+    console.print(Markdown(leaderboard_markdown(board)))
+    console.print(f"report: {out / 'report'}")
+
+
 def _print_result(result: dict[str, Any], out: Path) -> None:
     from rich.table import Table
 
