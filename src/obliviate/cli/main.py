@@ -267,7 +267,7 @@ def _print_result(result: dict[str, Any], out: Path) -> None:
 
 
 def _register_commands() -> None:
-    from obliviate.cli import attribution
+    from obliviate.cli import attacks, attribution
     from obliviate.cli.evidence import certify, report, runs_app, verify
 
     app.command()(report)
@@ -275,6 +275,7 @@ def _register_commands() -> None:
     app.command()(verify)
     app.add_typer(runs_app, name="runs")
     attribution.register(app)
+    attacks.register(app)
 
 
 _register_commands()
