@@ -31,14 +31,24 @@ from obliviate.runs import RunDir, atomic_write_text
 
 @dataclass
 class MethodSpec:
+    """A method with its options, optionally with WAGLE weight masks and/or GUARD sample weights
+    (their option dicts, as in ``obliviate.attribution``; ``{}`` means defaults)."""
+
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    wagle: dict[str, Any] | None = None
+    guard: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
-        if not self.options:
-            return self.name
-        return self.name + "-" + "-".join(f"{k}{v}" for k, v in sorted(self.options.items()))
+        label = self.name
+        if self.options:
+            label += "-" + "-".join(f"{k}{v}" for k, v in sorted(self.options.items()))
+        for part in ("wagle", "guard"):
+            opts = getattr(self, part)
+            if opts is not None:
+                label += f"+{part}" + "".join(f"-{k}{v}" for k, v in sorted(opts.items()))
+        return label
 
 
 @dataclass
@@ -78,14 +88,18 @@ class BenchConfig:
         for i, m in enumerate(data.get("methods", ["npo"])):
             if isinstance(m, str):
                 methods.append(MethodSpec(m))
-            elif isinstance(m, dict) and "name" in m and set(m) <= {"name", "options"}:
-                methods.append(MethodSpec(m["name"], dict(m.get("options") or {})))
+            elif isinstance(m, dict) and "name" in m and set(m) <= {"name", "options", "wagle", "guard"}:
+                methods.append(MethodSpec(m["name"], dict(m.get("options") or {}),
+                                          *(None if m.get(k) is None else dict(m[k] or {}) for k in ("wagle", "guard"))))
             else:
-                raise ValueError(f"{source}: methods[{i}] must be a name or {{name: ..., options: {{...}}}}")
+                raise ValueError(f"{source}: methods[{i}] must be a name or "
+                                 "{name: ..., options: {...}, wagle: {...}, guard: {...}}")
         cfg = cls(**{**data, "methods": methods})
         from obliviate.methods import build_method
 
         for m in cfg.methods:  # fail now, not after hours of finetuning
+            if m.name == "unierase":
+                continue
             try:
                 build_method(m.name, **m.options)
             except ValueError as exc:
@@ -135,6 +149,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, overwrite: bool = False, pro
                 else:
                     echo(f"[obliviate] {cell.name}")
                     pcfg = PipelineConfig(model=cfg.model, method=method.name, method_options=method.options,
+                                          wagle=method.wagle, guard=method.guard,
                                           finetune={**cfg.finetune, "seed": seed}, unlearn={**cfg.unlearn, "seed": seed},
                                           dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
                                           eval_batch_size=cfg.eval_batch_size)
@@ -142,7 +157,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, overwrite: bool = False, pro
                 metrics = RunDir(cell).read_json("metrics.json")
                 cells.append({"cell": cell.name, "method": method.label, "split": split, "seed": seed,
                               **{k: metrics["models"]["unlearned"].get(k) for k in
-                                 ("forget_quality", "model_utility", "forget_rouge", "retain_rouge")},
+                                 ("forget_quality", "model_utility", "forget_rouge", "retain_rouge",
+                                  "sacrifice_truth_ratio", "sacrifice_rouge", "sacrifice_probability")},
                               "forgotten": metrics["verdict"]["forgotten"],
                               "utility_kept": metrics["verdict"]["utility_kept"]})
     board = leaderboard(cells)
