@@ -11,8 +11,8 @@ import pytest
 
 from obliviate.data.qa import DataError
 from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
-from obliviate.studies.id_ood import (GROUPS, IdOodConfig, _median_split, finding, run_id_ood, steps_to_reach,
-                                      summary_table)
+from obliviate.studies.id_ood import (GROUPS, IdOodConfig, _median_split, censored_median, finding, run_id_ood,
+                                      steps_to_reach, summary_table)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,17 @@ def test_steps_to_forget_follow_the_logged_curves(study):
                  if r["set"] == row["set"] and r["memorised"]]
         done = [x for x in steps if x is not None]
         assert row["n_memorised_exposure"] == len(steps)
-        assert row["median_steps_exposure"] == (float(np.median(done)) if done else None)
+        assert row["median_steps_forgotten_exposure"] == (float(np.median(done)) if done else None)
+        slow = sorted(x if x is not None else float("inf") for x in steps)
+        median = float(np.median(slow)) if slow else None
+        assert row["median_steps_exposure"] == (median if median is not None and median != float("inf") else None)
+
+
+def test_censored_median_by_hand():
+    assert censored_median([10, None, 30]) == 30.0  # None sorts last: [10, 30, inf]
+    assert censored_median([10, None]) == np.inf
+    assert censored_median([None, 20, 10, 40]) == 30.0
+    assert censored_median([]) is None
 
 
 def test_steps_to_reach_and_groups_by_hand():
@@ -114,10 +124,14 @@ def test_table_and_finding_by_hand():
     id_all, ood_all = row[("id_forget", "all")], row[("ood_forget", "all")]
     assert (id_all["n"], id_all["n_memorised_exposure"], id_all["forgotten_share_exposure"]) == (3, 2, 1.0)
     assert id_all["median_steps_exposure"] == 10.0 and id_all["retain_probability_at_exposure"] == pytest.approx(0.15)
-    assert ood_all["forgotten_share_exposure"] == 0.5 and ood_all["median_steps_exposure"] == 20.0
+    # OOD: one forgotten at 20 steps, one never: the median is not reached within the budget.
+    assert ood_all["forgotten_share_exposure"] == 0.5 and ood_all["median_steps_exposure"] is None
+    assert ood_all["median_not_reached_exposure"] and ood_all["median_steps_forgotten_exposure"] == 20.0
     assert row[("id_forget", "hard")]["median_steps_exposure"] == 15.0
     assert row[("ood_forget", "weak")]["median_steps_exposure"] is None
+    assert row[("ood_forget", "strong")]["median_steps_exposure"] == 20.0
     f = finding(table, curves)["ga"]
+    assert f["median_steps_to_forget"] == {"ID": 10.0, "OOD": "not reached"}
     assert f["ood_takes_more_steps"] is True and f["ood_costs_less_utility"] is True
     assert f["retain_probability_drop_per_step"] == {"ID": pytest.approx(0.04), "OOD": pytest.approx(0.01)}
     assert f["id_utility_decays_faster"] is True

@@ -131,8 +131,10 @@ def test_keywords_use_the_value_else_the_rarest_content_words():
 
 def test_recovery_and_summary_by_hand():
     assert recovery(0.1, 0.4, 0.7) == pytest.approx(0.5)
-    assert recovery(3.0, 2.0, 1.0) == pytest.approx(0.5)  # NLL falls toward the target
-    assert recovery(0.5, 0.9, 0.5) is None
+    assert recovery(3.0, 2.0, 1.0, sign=-1) == pytest.approx(0.5)  # NLL falls toward the target
+    assert recovery(0.5, 0.9, 0.5) is None  # nothing was lost
+    assert recovery(0.5, 0.9, 0.4) is None  # the unlearned model "knows" more than the target
+    assert recovery(1.0, 2.0, 3.0, sign=-1) is None
     curve = {"steps": [0, 10], "forget_rouge": [0.2, 0.5], "forget_nll": [4.0, 2.0]}
     oracle = {"steps": [0, 10], "forget_rouge": [0.1, 0.2], "forget_nll": [5.0, 4.5]}
     s = summarise(curve, {"forget_rouge": 0.8, "forget_nll": 1.0}, oracle)

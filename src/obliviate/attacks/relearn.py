@@ -18,14 +18,15 @@ after k steps of one run is the model a k-step run would give; the held-out forg
 - ``forget_exposure``: mean exposure among candidate answers, when every row has
   ``meta["candidates"]`` (e.g. the synthetic benchmark's id_forget / ood_forget rows).
 
-Summary, at the largest step count T, for a metric m where higher = more knowledge::
+Summary, at the largest step count T, for each metric m (``summary["recovery"]`` is ROUGE's)::
 
     recovery = (m_unlearned(T) - m_unlearned(0)) / (m_target - m_unlearned(0))
 
-0 = nothing came back, 1 = back to the target (the model before unlearning); None when the target
-is not given or unlearning had not lowered m (|denominator| < 1e-9). ``oracle_gain`` is the
-oracle's rise (m_oracle(T) - m_oracle(0)) in the same units and ``recovery_beyond_oracle`` their
-difference: what relearning restores beyond what the relearn set teaches a model that never knew.
+0 = nothing came back, 1 = back to the target (the model before unlearning). None when the target
+is not given or did not know more than the unlearned model by m (nothing to recover; for NLL "more"
+means lower). ``oracle_gain`` is the oracle's change (m_oracle(T) - m_oracle(0)) in the same units
+and ``recovery_beyond_oracle`` their difference: what relearning restores beyond what the relearn
+set teaches a model that never knew.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ from obliviate.training.config import TrainConfig
 
 METRICS = ("forget_rouge", "forget_probability", "keyword_hit", "forget_nll")
 CURVE_METRICS = (*METRICS, "forget_exposure")  # exposure only when every held-out row has candidates
+# +1: higher means more of the forgotten knowledge; -1: lower does (NLL).
+KNOWLEDGE_SIGN = {"forget_rouge": 1, "forget_probability": 1, "keyword_hit": 1, "forget_exposure": 1,
+                  "forget_nll": -1}
 SUMMARY_METRIC = "forget_rouge"
 DEFAULT_STEPS = (0, 5, 10, 25, 50, 100)
 
@@ -307,10 +311,11 @@ def relearn_curve(model, tokenizer, split: RelearnSplit, cfg: RelearnConfig, fmt
     return curve
 
 
-def recovery(start: float, end: float, target: float) -> float | None:
-    """(end - start) / (target - start); None when |target - start| < 1e-9 (nothing was lost)."""
-    gap = target - start
-    return None if abs(gap) < 1e-9 else (end - start) / gap
+def recovery(start: float, end: float, target: float, sign: int = 1) -> float | None:
+    """(end - start) / (target - start) for a metric where ``sign`` * metric grows with knowledge;
+    None unless the target knew more than the unlearned model (by more than 1e-9)."""
+    gap = (target - start) * sign
+    return None if gap <= 1e-9 else (end - start) * sign / gap
 
 
 def summarise(curve: dict[str, Any], target: dict[str, Any] | None, oracle: dict[str, Any] | None,
@@ -320,13 +325,12 @@ def summarise(curve: dict[str, Any], target: dict[str, Any] | None, oracle: dict
     for name in (m for m in CURVE_METRICS if m in curve):
         start, end = curve[name][0], curve[name][-1]
         goal = None if target is None else target.get(name)
-        rec = None if goal is None else recovery(start, end, goal)
+        sign = KNOWLEDGE_SIGN[name]
+        rec = None if goal is None else recovery(start, end, goal, sign)
         entry = {"unlearned_start": start, "unlearned_end": end, "target": goal, "recovery": rec}
         if oracle is not None and name in oracle:
-            # The oracle's rise, in units of what unlearning removed (NLL falls, the rest rise: the
-            # ratio has the same sign either way).
-            rise = oracle[name][-1] - oracle[name][0]
-            gain = None if goal is None or abs(goal - start) < 1e-9 else rise / (goal - start)
+            # The oracle's rise, in units of what unlearning removed from the unlearned model.
+            gain = None if rec is None else (oracle[name][-1] - oracle[name][0]) / (goal - start)
             entry.update(oracle_start=oracle[name][0], oracle_end=oracle[name][-1], oracle_gain=gain,
                          recovery_beyond_oracle=None if rec is None or gain is None else rec - gain)
         by_metric[name] = entry

@@ -26,7 +26,7 @@ import yaml
 from obliviate.data.benchmark import Benchmark, load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.qa import DataError, QADataset
-from obliviate.runs import RunDir, atomic_write_json
+from obliviate.runs import atomic_write_json
 
 MODEL_LABELS = ("unlearned", "oracle", "target")
 RELEARN_SOURCES = ("forget_subset", "attributes", "retain_neighbours", "file")

@@ -19,8 +19,9 @@ Procedure (``obliviate study id-ood``):
 
 Per example, **steps to forget** is the first evaluated step at which its exposure is at or below
 the oracle's exposure of that example (likewise for ROUGE); None (censored) when the budget ends
-first, so the resolution is ``eval_every`` steps. **Utility at forget** is the retain utility at that
-step. Statistics cover the *memorised* examples only (target exposure above the oracle's; for
+first, so the resolution is ``eval_every`` steps. Medians count censored examples as slower than
+any forgotten one (a median over the forgotten ones alone would favour the set that forgets fewer).
+**Utility at forget** is the retain utility at that step. Statistics cover the *memorised* examples only (target exposure above the oracle's; for
 ROUGE, target ROUGE above the oracle's): an example the target never memorised is at the oracle
 level from step 0 and says nothing about unlearning. Within each set, examples are split at the
 set's median into memorisation strength ``strong`` / ``weak`` (the target's length-normalised
@@ -197,9 +198,27 @@ def _stat(values: list, fn: Callable) -> float | None:
     return float(fn(values)) if values else None
 
 
+def censored_median(steps: Sequence[int | None]) -> float | None:
+    """Median steps to forget with "not reached" (None) counted as longer than any budget: finite
+    only when fewer than half of the examples are censored around the middle. Returns None for an
+    empty list and ``inf`` when the median is not reached within the budget."""
+    if not steps:
+        return None
+    return float(np.median([np.inf if x is None else x for x in steps]))
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else x
+
+
 def summary_table(examples: list[dict], curves: dict[str, dict[str, dict]]) -> list[dict[str, Any]]:
     """One row per (set, method, group): counts, steps to forget and utility at forget, over the
-    memorised examples (see the module doc)."""
+    memorised examples (see the module doc).
+
+    ``median_steps_<key>`` counts examples not forgotten within the budget as slower than any that
+    were (:func:`censored_median`); it is None with ``median_not_reached_<key>`` true when half or
+    more of them were not forgotten. ``median_steps_forgotten_<key>`` is over the forgotten ones
+    only (biased low when many are censored). Utility at forget is over the forgotten ones."""
     rows = []
     for set_name, by_method in curves.items():
         for method, c in by_method.items():
@@ -213,8 +232,10 @@ def summary_table(examples: list[dict], curves: dict[str, dict[str, dict]]) -> l
                     steps = [m[f"steps_{key}"] for m in done]
                     row[f"n_memorised_{key}"] = len(mem)
                     row[f"forgotten_share_{key}"] = len(done) / len(mem) if mem else None
-                    row[f"median_steps_{key}"] = _stat(steps, np.median)
-                    row[f"mean_steps_{key}"] = _stat(steps, np.mean)
+                    median = censored_median([m[f"steps_{key}"] for m in mem])
+                    row[f"median_steps_{key}"] = _finite_or_none(median)
+                    row[f"median_not_reached_{key}"] = median == np.inf
+                    row[f"median_steps_forgotten_{key}"] = _stat(steps, np.median)
                     row[f"retain_probability_at_{key}"] = _stat(
                         [m[f"retain_probability_at_{key}"] for m in done], np.mean)
                     row[f"retain_rouge_at_{key}"] = _stat([m[f"retain_rouge_at_{key}"] for m in done], np.mean)
@@ -226,9 +247,10 @@ def summary_table(examples: list[dict], curves: dict[str, dict[str, dict]]) -> l
 
 def finding(table: list[dict], curves: dict[str, dict[str, dict]]) -> dict[str, Any]:
     """Per method, the paper's two claims read off the table (exposure criterion, group "all"):
-    OOD takes more steps than ID (median steps to forget), OOD costs less utility than ID (retain
-    probability at forget), and the retain probability lost per step over the whole run. A claim is
-    None when a side has no forgotten memorised example."""
+    OOD takes more steps than ID (censored median steps to forget), OOD costs less utility than ID
+    (retain probability at forget), and the retain probability lost per step over the whole run. A
+    claim is None when it cannot be decided (no memorised example on a side; neither median reached;
+    no forgotten example on a side for utility)."""
     if not all(s in curves for s in SETS):
         return {}
     out = {}
@@ -236,18 +258,22 @@ def finding(table: list[dict], curves: dict[str, dict[str, dict]]) -> dict[str, 
     for method in methods:
         row = {s: next(r for r in table if r["set"] == s and r["method"] == method and r["group"] == "all")
                for s in SETS}
-        steps = {s: row[s]["median_steps_exposure"] for s in SETS}
+        # Not reached within the budget counts as more steps than any finite median.
+        steps = {s: np.inf if row[s]["median_not_reached_exposure"] else row[s]["median_steps_exposure"]
+                 for s in SETS}
         utility = {s: row[s]["retain_probability_at_exposure"] for s in SETS}
         decay = {}
         for s in SETS:
             c = curves[s][method]
             decay[s] = (c["retain_probability"][0] - c["retain_probability"][-1]) / max(1, c["steps"][-1])
         both = lambda d: all(v is not None for v in d.values())  # noqa: E731
+        comparable = both(steps) and not all(v == np.inf for v in steps.values())
         out[method] = {
-            "median_steps_to_forget": {SET_LABEL[s]: steps[s] for s in SETS},
+            "median_steps_to_forget": {SET_LABEL[s]: "not reached" if steps[s] == np.inf else steps[s]
+                                       for s in SETS},
             "retain_probability_at_forget": {SET_LABEL[s]: utility[s] for s in SETS},
             "retain_probability_drop_per_step": {SET_LABEL[s]: decay[s] for s in SETS},
-            "ood_takes_more_steps": steps["ood_forget"] > steps["id_forget"] if both(steps) else None,
+            "ood_takes_more_steps": bool(steps["ood_forget"] > steps["id_forget"]) if comparable else None,
             "ood_costs_less_utility": utility["ood_forget"] > utility["id_forget"] if both(utility) else None,
             "id_utility_decays_faster": decay["id_forget"] > decay["ood_forget"],
         }
@@ -299,8 +325,9 @@ def _figures(examples: list[dict], curves: dict[str, dict[str, dict]], cfg: IdOo
                 if show_censored:
                     missed = [x + j for j, y in zip(jitter, ys) if y is None]
                     ax.scatter(missed, [censored] * len(missed), marker="x", color=colours[s], s=18)
-                if got:
-                    ax.hlines(float(np.median(got)), x - 0.3, x + 0.3, color="black", linewidth=2)
+                middle = censored_median(ys) if show_censored else _stat(got, np.median)
+                if middle is not None:
+                    ax.hlines(min(middle, censored), x - 0.3, x + 0.3, color="black", linewidth=2)
             ax.set_xticks(range(len(sets)), [SET_LABEL[s] for s in sets])
             ax.set_xlim(-0.5, len(sets) - 0.5)
             if show_censored:
@@ -311,7 +338,7 @@ def _figures(examples: list[dict], curves: dict[str, dict[str, dict]], cfg: IdOo
         fig.suptitle(title)
         return fig
 
-    steps_fig = per_set_panel("Steps until exposure reaches the oracle's (bar: median; x: not reached)",
+    steps_fig = per_set_panel("Steps until exposure reaches the oracle's (bar: median, x: not reached)",
                               lambda e: e["steps_exposure"], "unlearning steps", True)
     utility_fig = per_set_panel("Retain probability when the example is forgotten",
                                 lambda e: e["retain_probability_at_exposure"], "retain probability", False)
