@@ -41,7 +41,7 @@ def _facts(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())["models"]
     relearn = json.loads((run / "attacks" / "relearn.json").read_text())
     un, target = metrics["unlearned"], metrics["target"]
-    return {"fq": un["forget_quality"], "auc": un["mia_auc"], "privleak": un["privleak"],
+    return {"fq": un["forget_quality"], "auc": un["mia_auc_mink"], "privleak": un["privleak"],
             "recovery": relearn["summary"]["recovery"],
             "drop": (target["model_utility"] - un["model_utility"]) / target["model_utility"]}
 
@@ -99,7 +99,7 @@ def test_overall_verdict_pass_incomplete(tmp_path):
     assert _entries(passing, "verdict")[0] == {**_entries(passing, "verdict")[0], "verdict": "pass", "gaps": []}
     assert _entries(certify(run, Thresholds()), "verdict")[0]["verdict"] == "incomplete"  # nothing asked
     metrics = json.loads((run / "metrics.json").read_text())
-    del metrics["models"]["unlearned"]["mia_auc"]
+    del metrics["models"]["unlearned"]["mia_auc_mink"]
     (run / "metrics.json").write_text(json.dumps(metrics))
     rec = certify(run, Thresholds(min_forget_quality=f["fq"] / 2, mia_auc_range=(0.4, 0.6)))
     assert _check(rec, "mia_auc")["verdict"] == "not measured"

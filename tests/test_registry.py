@@ -113,7 +113,7 @@ def summary_row(ev: dict, seed: int) -> dict:
         for m in ("probability", "rouge", "truth_ratio"):
             row[f"{name}_{m}"] = s[m]
     rng = np.random.default_rng(seed)
-    row["mia_auc"] = float(rng.uniform(0.45, 0.75))
+    row["mia_auc_mink"] = float(rng.uniform(0.45, 0.75))
     row["privleak"] = float(rng.uniform(-30, 30))
     return row
 

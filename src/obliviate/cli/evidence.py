@@ -213,7 +213,7 @@ def certify(
     max_utility_drop: Annotated[Optional[float], typer.Option(
         help="Require (target utility - unlearned utility) / target utility <= this.")] = None,
     label: Annotated[str, typer.Option(help="Which evaluated model is the unlearned one.")] = "unlearned",
-    mia_key: Annotated[str, typer.Option(help="Summary-row key of the MIA AUC that --mia-auc-min/max judge.")] = "mia_auc",
+    mia_key: Annotated[str, typer.Option(help="Summary-row key of the MIA AUC that --mia-auc-min/max judge (default: Min-K% 40).")] = "mia_auc_mink",
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Record path (.json) or folder (default: RUN/audit.json); an .html page is written beside it.")] = None,
     model_card: Annotated[bool, typer.Option(

@@ -56,7 +56,7 @@ class Thresholds:
 
     Values are read from metrics.json's row for ``label``: ``forget_quality`` (TOFU, Maini et al.
     2024, arXiv 2401.06121), the membership-inference AUC of forget vs holdout under ``mia_key``
-    (default ``mia_auc``) and ``privleak`` (MUSE, Shi et al. 2024, arXiv 2407.06460); ``relearn_recovery`` from
+    (default ``mia_auc_mink``, the pipeline's Min-K% 40 AUC) and ``privleak`` (MUSE, Shi et al. 2024, arXiv 2407.06460); ``relearn_recovery`` from
     attacks/relearn.json's summary; ``utility_drop`` = (target utility - unlearned utility) /
     target utility, from the rows ``target`` and ``label``.
     """
@@ -67,7 +67,7 @@ class Thresholds:
     max_relearn_recovery: float | None = None
     max_utility_drop: float | None = None
     label: str = "unlearned"
-    mia_key: str = "mia_auc"
+    mia_key: str = "mia_auc_mink"
 
     def checks(self) -> list[tuple[str, str, Any]]:
         """(measurement, operator, threshold) for every criterion that is set."""
@@ -165,7 +165,7 @@ def _data_entries(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[
     return entries, checks
 
 
-def measurements(run_dir: str | Path, label: str = "unlearned", mia_key: str = "mia_auc") -> dict[str, float | None]:
+def measurements(run_dir: str | Path, label: str = "unlearned", mia_key: str = "mia_auc_mink") -> dict[str, float | None]:
     """The values thresholds are judged on (see :class:`Thresholds`)."""
     run_dir = Path(run_dir)
     models = read_metrics(run_dir).get("models") or {}

@@ -30,7 +30,7 @@ from obliviate.runs import atomic_write_text
 
 # Metrics shown on the card, in this order, when present.
 CARD_METRICS = ("forget_quality", "model_utility", "forget_rouge", "forget_probability", "forget_truth_ratio",
-                "retain_rouge", "retain_probability", "mia_auc", "privleak")
+                "retain_rouge", "retain_probability", "mia_auc_mink", "privleak")
 
 
 def model_card_info(run_dir: str | Path, record: Mapping[str, Any] | None = None,

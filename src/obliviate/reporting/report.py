@@ -156,8 +156,10 @@ def quantise_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
     """Unlearned model at full precision vs after 8- and 4-bit quantisation (Zhang et al. 2024,
     arXiv 2410.16454: quantisation can restore forgotten knowledge)."""
     full = run.models.get("unlearned", {})
+    # quantise.json may repeat the full-precision row under "none"; the pipeline's row is shown instead.
     rows_in = [("full precision", full)] + [(f"{bits}-bit", row) for bits, row in
-                                            sorted(run.quantise.items(), key=lambda kv: -int(kv[0]) if kv[0].isdigit() else 0)]
+                                            sorted(run.quantise.items(), key=lambda kv: -int(kv[0]) if kv[0].isdigit() else 0)
+                                            if bits.isdigit()]
     keys = [k for k in ("forget_quality", "model_utility") if any(k in r for _, r in rows_in)]
     keys += sorted({k for _, r in rows_in[1:] for k in r if k not in keys and not isinstance(r[k], (dict, list))})
     return ["weights"] + keys, [[name] + [format_number(r.get(k)) for k in keys] for name, r in rows_in]
