@@ -167,7 +167,7 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], No
 
 def evaluate_model(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat | None = None,
                    batch_size: int = 32, max_new_tokens: int = 200, oracle: dict | None = None,
-                   progress: bool = True, label: str | None = None) -> dict[str, Any]:
+                   progress: bool = True, label: str | None = None, distributed: bool = False) -> dict[str, Any]:
     """TOFU metrics of ``model`` on ``sets`` (any of forget, retain, real_authors, world_facts,
     plus extra sets such as holdout, which get probability and ROUGE only).
 
@@ -175,8 +175,20 @@ def evaluate_model(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat
     set, ``forget_quality`` is the KS-test p-value between the two models' forget-set truth
     ratios, otherwise null. ``model_utility`` needs retain, real_authors and world_facts (null
     otherwise). Returns the ``eval.json`` dict described in docs/ARCHITECTURE.md.
+
+    ``distributed=True`` (under ``accelerate launch``, the whole model on each process's device)
+    splits the scoring and generation batches across the processes (``evaluation.distributed``);
+    every process returns the full result, the same as one process's.
     """
     start = time.perf_counter()
+    score, generate = score_pairs, generate_answers
+    if distributed:
+        from accelerate import PartialState
+
+        from obliviate.evaluation.distributed import generate_answers_distributed as generate
+        from obliviate.evaluation.distributed import score_pairs_distributed as score
+
+        progress = progress and PartialState().is_main_process
     if not sets:
         raise ValueError("no evaluation sets given")
     for name, ds in sets.items():
@@ -193,10 +205,10 @@ def evaluate_model(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat
     questions = list(dict.fromkeys(ex.question for ds in sets.values() for ex in ds.examples))
 
     with _progress(progress) as track:
-        scores = score_pairs(model, fmt, pairs.pairs, batch_size=batch_size,
-                             progress=track("scoring answers", len(pairs.pairs)))
-        answers = generate_answers(model, fmt, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   progress=track("generating answers", len(questions)))
+        scores = score(model, fmt, pairs.pairs, batch_size=batch_size,
+                       progress=track("scoring answers", len(pairs.pairs)))
+        answers = generate(model, fmt, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=track("generating answers", len(questions)))
     answer_of = dict(zip(questions, answers))
 
     results = {name: _set_result(name, ds, plans[name], scores, [answer_of[ex.question] for ex in ds.examples])

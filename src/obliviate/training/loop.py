@@ -225,7 +225,11 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
     else:
         optimizer = torch.optim.SGD(groups, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
+    _check_sharded_setup(accelerator, cfg, masks)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # One schedule step per optimizer step: by default a prepared scheduler steps num_processes times,
+    # but total_steps above already counts this process's (sharded) steps.
+    scheduler.step_with_optimizer = False
     masked_params = [(dict(accelerator.unwrap_model(model).named_parameters())[n], m) for n, m in masks.items()]
 
     step, history = 0, []
@@ -274,6 +278,10 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if world > 1:  # log the global batch's numbers, as one process would
+                acc_logs = _mean_over_processes(accelerator, acc_logs)
+            if step == 1 or micro == total_micro:
+                _check_replicas(accelerator, model)
             last_loss = acc_logs["loss"]
             record = {"step": step, "epoch": round(micro / per_epoch, 4), "lr": scheduler.get_last_lr()[0],
                       "seconds": round(time.time() - t0, 3), **{k: round(v, 6) for k, v in acc_logs.items()}}
@@ -287,6 +295,8 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
             if on_eval is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 on_eval(accelerator.unwrap_model(model), step)
     seconds = time.time() - t0
+    if world > 1:  # tokens of every process, so tokens/s is the job's throughput
+        tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum"))
     model = accelerator.unwrap_model(model)
     if cfg.lora and cfg.merge_lora:
         model = model.merge_and_unload()
@@ -296,6 +306,50 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
     return TrainResult(model, step, seconds, tokens, last_loss, history)
 
 
+def _check_sharded_setup(accelerator, cfg: TrainConfig, masks: dict) -> None:
+    """What FSDP / DeepSpeed need before ``prepare``, and what the loop cannot do under them."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if masks and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"weight masks need whole parameters; they are not supported with {kind.value} "
+                         "(use DDP, or one process)")
+    if kind == DistributedType.DEEPSPEED:
+        if cfg.grad_accum > 1:
+            # DeepSpeed steps its optimizer inside backward, so the loop's accumulation would step every batch.
+            raise ValueError("grad_accum > 1 is not supported with DeepSpeed; raise batch_size or use FSDP")
+        plugin = accelerator.state.deepspeed_plugin
+        # No dataloader goes through prepare(), so DeepSpeed cannot infer these from one.
+        for key, value in (("train_micro_batch_size_per_gpu", cfg.batch_size),
+                           ("gradient_clipping", cfg.max_grad_norm)):
+            if plugin.deepspeed_config.get(key, "auto") == "auto":
+                plugin.deepspeed_config[key] = value
+
+
+def _mean_over_processes(accelerator, logs: dict[str, float]) -> dict[str, float]:
+    keys = sorted(logs)
+    values = torch.tensor([logs[k] for k in keys], dtype=torch.float32, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(values, reduction="mean").tolist()))
+
+
+def _check_replicas(accelerator, model) -> None:
+    """Data-parallel replicas must hold the same weights. A forward pass that skips DDP's own
+    bookkeeping (one aborted by an exception, say) leaves gradients unsynchronised without any
+    error; this turns that into one. Sharded strategies (FSDP, DeepSpeed) hold no replicas."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes == 1 or accelerator.distributed_type in (DistributedType.FSDP,
+                                                                          DistributedType.DEEPSPEED):
+        return
+    with torch.no_grad():
+        total = sum(p.double().sum() for p in model.parameters() if p.requires_grad)
+    sums = accelerator.gather(total.reshape(1))
+    if not bool((sums == sums[0]).all()):
+        raise RuntimeError("data-parallel replicas diverged (weight sums per process: "
+                           f"{sums.tolist()}): gradients were not synchronised, e.g. because the method's "
+                           "forward pass bypassed DistributedDataParallel.forward or ended in an exception")
+
+
 def _save_state(accelerator, run: RunDir, step: int) -> None:
     """Resumable state, written beside and renamed, so a crash never leaves a half checkpoint."""
     accelerator.wait_for_everyone()
@@ -303,7 +357,9 @@ def _save_state(accelerator, run: RunDir, step: int) -> None:
     tmp = root / f".step-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # no process writes into tmp before it is cleared
+    accelerator.save_state(str(tmp))  # every process writes its own RNG state file
+    accelerator.wait_for_everyone()  # all of them are in tmp before it is renamed
     if accelerator.is_main_process:
         atomic_write_json(tmp / "trainer_state.json", {"step": step})
         final = root / f"step-{step}"

@@ -1,0 +1,363 @@
+"""Speed of each stage (finetune, unlearn, evaluate), against a naive baseline run in the same script.
+
+    python benchmarks/bench_speed.py                          # tiny random model, synthetic data, CPU: ~1 min
+    python benchmarks/bench_speed.py --model smollm2-135m --entities 4 --facts 2 --max-new-tokens 8
+    python benchmarks/bench_speed.py --model smollm2-135m --tofu ../shared/benchmarks/tofu --name tofu-h100
+
+Stages: ``sft`` (finetune on the train split), one per unlearning method (``npo``, ``graddiff``, ...:
+forget + retain) and ``evaluate`` (TOFU metrics on the evaluation sets). Each runs twice:
+
+* ``fast``: the library path: ``training.loop.train`` (length-grouped batches, Accelerate, reference
+  log-probs precomputed once) and ``evaluate_model`` (pairs deduplicated, batched scoring and
+  batched greedy generation).
+* ``naive``: a plain per-sample loop: batch size 1, rows in file order (no length grouping), for
+  methods with a reference a live reference model that recomputes the reference log-probs at every
+  step, and evaluation one pair and one question at a time. Same losses (the same method objects), same data, same optimiser.
+
+Each stage starts from a freshly loaded model (loading is timed apart, not inside the stage).
+Reported per stage and mode: wall seconds, steps/s, tokens/s (non-padding tokens the stage exists to
+process: training rows' tokens incl. retain rows; for evaluation the scored pairs, the prompts and the
+generated answers), peak memory (``torch.cuda.max_memory_allocated`` on GPU; peak RSS of the process,
+reset before each stage through /proc/self/clear_refs, on CPU) and MFU on GPU (6 x parameters x
+tokens / seconds / the device's dense bf16 peak for training, 2 x for evaluation; null on CPU or an
+unknown GPU). The speed-up is fast tokens/s over naive tokens/s, so it holds on any machine. The
+naive stages can be capped to fewer rows (``--naive-rows``): throughputs are compared, not totals.
+
+Writes ``benchmarks/results/<name>.json`` atomically, with ``obliviate.runs.environment()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from obliviate.data.chat import ChatFormat
+from obliviate.data.qa import QADataset
+from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model
+from obliviate.methods import StepInputs, build_method, reference_logps
+from obliviate.models.loading import load_model, load_tokenizer
+from obliviate.runs import atomic_write_json, environment
+from obliviate.training.config import TrainConfig
+from obliviate.training.loop import collate, encode_views, to_device, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Dense bf16 peak FLOP/s by device name (first match wins, so "H100 PCIe" precedes "H100").
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
+
+
+@dataclass
+class Data:
+    source: str
+    train: QADataset
+    forget: QADataset
+    retain: QADataset
+    eval_sets: dict[str, QADataset]
+
+
+# ----------------------------------------------------------------------------------------------
+# setup
+
+def load_data(args) -> Data:
+    if args.tofu:
+        from obliviate.data.benchmark import load_benchmark
+
+        bench = load_benchmark(args.tofu, args.forget_split)
+        data = Data(str(args.tofu), bench.split("train"), bench.split("forget"), bench.split("retain"),
+                    eval_sets_from_benchmark(bench))
+    else:
+        from obliviate.data.synthetic import SyntheticConfig, generate_benchmark
+
+        config = SyntheticConfig(n_entities=args.entities, facts_per_entity=args.facts, seed=args.seed)
+        splits = generate_benchmark(config)
+
+        def ds(split: str) -> QADataset:
+            return QADataset(splits[split], f"synthetic:{split}")
+
+        data = Data(f"synthetic({args.entities} entities x {args.facts} facts)", ds("full"), ds("forget"),
+                    ds("retain"), {"forget": ds("forget_perturbed"), "retain": ds("retain_perturbed"),
+                                   "real_authors": ds("real_authors_perturbed"),
+                                   "world_facts": ds("world_facts_perturbed")})
+    if args.rows:
+        data = Data(data.source + f" (first {args.rows} rows of each split)", data.train[:args.rows],
+                    data.forget[:args.rows], data.retain[:args.rows],
+                    {name: ds[:args.rows] for name, ds in data.eval_sets.items()})
+    return data
+
+
+def model_dir(args, scratch: Path) -> str:
+    if args.model != "tiny":
+        return args.model
+    from obliviate.models.tiny import build_tiny_model
+
+    return str(build_tiny_model(scratch / "tiny", hidden=args.tiny_hidden, layers=args.tiny_layers, seed=args.seed))
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring
+
+def _reset_peak_rss() -> bool:
+    try:  # Linux >= 4.0: "5" resets the peak RSS (VmHWM) that getrusage reports
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def measured(device: torch.device):
+    """Yields a dict that gets ``wall_seconds`` and ``peak_memory_mib`` when the block ends."""
+    out: dict = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        out["peak_rss_reset"] = _reset_peak_rss()
+    start = time.perf_counter()
+    yield out
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        out["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    else:
+        out["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["wall_seconds"] = round(time.perf_counter() - start, 4)
+
+
+def _rates(record: dict, params: int, flops_per_token_param: int, peak: float | None) -> dict:
+    wall = record["wall_seconds"]
+    record["tokens_per_second"] = round(record["tokens"] / wall, 2)
+    record["steps_per_second"] = round(record["steps"] / wall, 4) if record.get("steps") is not None else None
+    record["mfu"] = (round(flops_per_token_param * params * record["tokens"] / wall / peak, 5)
+                     if peak else None)
+    return record
+
+
+def eval_tokens(fmt: ChatFormat, sets: dict[str, QADataset], result: dict) -> int:
+    """Non-padding tokens evaluation exists to process: every unique scored pair (as
+    ``evaluate_model`` plans them), every unique question's prompt, every generated answer."""
+    from obliviate.evaluation.evaluate import _Pairs, _plan
+
+    pairs = _Pairs(fmt)
+    for name, ds in sets.items():
+        _plan(name, ds, pairs)
+    scored = sum(len(fmt.encode(q, a, close=False)) for q, a in pairs.pairs)
+    answers = {q: g for s in result["sets"].values()
+               for q, g in zip(s["per_sample"]["question"], s["per_sample"]["generation"])}
+    prompts = sum(len(fmt.prompt_ids(q)) for q in answers)
+    generated = sum(len(fmt.answer_ids(g)) for g in answers.values() if g)
+    return scored + prompts + generated
+
+
+# ----------------------------------------------------------------------------------------------
+# the naive baseline
+
+def naive_train(model, fmt: ChatFormat, method, primary: QADataset, retain: QADataset | None,
+                cfg: TrainConfig, device: torch.device) -> dict:
+    """Batch size 1, rows in order, and (for methods with a reference) a live reference model
+    queried at every step."""
+    method.bind(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(method.trainable(name)))
+    model.to(device).train()
+    ref = (copy.deepcopy(model).eval().requires_grad_(False)
+           if method.needs_ref_logps or method.needs_ref_model else None)
+    rows = encode_views(fmt, primary, tuple(method.views))
+    retain_rows = encode_views(fmt, retain, ("answer",)) if method.uses_retain else None
+    pad_id = fmt.tokenizer.pad_token_id
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
+                else nullcontext())
+    steps = tokens = 0
+    for _ in range(max(1, round(cfg.epochs))):
+        for i, row in enumerate(rows):
+            batch = to_device(collate([row], [i], pad_id), device)
+            rbatch = None
+            tokens += sum(len(v) for v in row.values())
+            if retain_rows:
+                j = steps % len(retain_rows)
+                rbatch = to_device(collate([retain_rows[j]], [j], pad_id), device)
+                tokens += len(retain_rows[j]["answer"])
+            with autocast:
+                if method.needs_ref_logps:
+                    batch["ref_logp"] = {v: x.to(device) for v, x in
+                                         reference_logps(ref, {v: batch[v] for v in method.views}).items()}
+                loss, _ = method(StepInputs(model=model, forget=batch, retain=rbatch, ref_model=ref, step=steps))
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+    return {"steps": steps, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+def run_train_stage(name: str, mode: str, args, spec: str, tok, fmt: ChatFormat, data: Data,
+                    device: torch.device) -> dict:
+    finetune = name == "sft"
+    primary, retain = (data.train, None) if finetune else (data.forget, data.retain)
+    if mode == "naive" and args.naive_rows:
+        primary = primary[:args.naive_rows]
+    cfg = TrainConfig(epochs=args.epochs if finetune else args.unlearn_epochs, batch_size=args.batch_size,
+                      lr=2e-4 if finetune else 1e-5, warmup_ratio=0.1 if finetune else 0.0,
+                      mixed_precision=args.mixed_precision, seed=args.seed)
+    method = build_method(name)
+    model = load_model(spec, dtype=args.dtype, device=device)
+    with measured(device) as record:
+        if mode == "fast":
+            result = train(model, tok, method, primary, cfg, retain=retain, fmt=fmt, progress=False)
+            record.update(steps=result.steps, tokens=result.tokens, loop_seconds=round(result.seconds, 4))
+        else:
+            record.update(naive_train(model, fmt, method, primary, retain, cfg, device))
+    record.update(stage=name, mode=mode, rows=len(primary), epochs=cfg.epochs,
+                  batch_size=cfg.batch_size if mode == "fast" else 1)
+    return record
+
+
+def run_eval_stage(mode: str, args, spec: str, tok, fmt: ChatFormat, data: Data, device: torch.device) -> dict:
+    sets = data.eval_sets
+    if mode == "naive" and args.naive_rows:
+        sets = {name: ds[:args.naive_rows] for name, ds in sets.items()}
+    batch = args.eval_batch_size if mode == "fast" else 1
+    model = load_model(spec, dtype=args.dtype, device=device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                if args.mixed_precision == "bf16" and device.type == "cuda" else nullcontext())
+    with measured(device) as record, autocast:
+        result = evaluate_model(model, tok, sets, fmt=fmt, batch_size=batch, max_new_tokens=args.max_new_tokens,
+                                progress=False)
+    record.update(stage="evaluate", mode=mode, rows=sum(len(ds) for ds in sets.values()), steps=None,
+                  batch_size=batch, tokens=eval_tokens(fmt, sets, result))
+    return record
+
+
+def warm_up(spec: str, args, tok, fmt: ChatFormat, data: Data, device: torch.device) -> None:
+    """One short step of each kind, so one-time start-up costs land in no stage."""
+    model = load_model(spec, dtype=args.dtype, device=device)
+    cfg = TrainConfig(max_steps=1, batch_size=2, mixed_precision=args.mixed_precision)
+    train(model, tok, build_method("sft"), data.train[:2], cfg, fmt=fmt, progress=False)
+    evaluate_model(model, tok, {"retain": data.eval_sets["retain"][:1]}, fmt=fmt, max_new_tokens=2, progress=False)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="'tiny' (random, built here), 'smollm2-135m', a directory or hub id")
+    p.add_argument("--tofu", help="a TOFU directory (full.jsonl, forget10.jsonl, ...); default: synthetic data")
+    p.add_argument("--forget-split", default="forget10")
+    p.add_argument("--entities", type=int, default=40, help="synthetic: entities (full = entities x facts rows)")
+    p.add_argument("--facts", type=int, default=4, help="synthetic: facts per entity")
+    p.add_argument("--rows", type=int, default=0, help="keep only the first N rows of every split (0: all)")
+    p.add_argument("--stages", default="sft,npo,graddiff,evaluate",
+                   help="comma-separated: sft, evaluate, and unlearning method names")
+    p.add_argument("--modes", default="fast,naive")
+    p.add_argument("--naive-rows", type=int, default=12, help="cap the naive stages to N rows per split (0: all)")
+    p.add_argument("--epochs", type=float, default=3.0, help="finetuning epochs")
+    p.add_argument("--unlearn-epochs", type=float, default=5.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="float32", help="weights' dtype (never bfloat16 on a CPU: it is very slow)")
+    p.add_argument("--mixed-precision", default=None, help="no | bf16 (default: bf16 on GPU, no on CPU)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default on CPU: 1; small matrices gain little from more, and on "
+                        "shared cores OpenMP threads spin-wait for each other)")
+    p.add_argument("--peak-flops", type=float, default=None, help="override the device's peak FLOP/s for MFU")
+    p.add_argument("--tiny-hidden", type=int, default=64)
+    p.add_argument("--tiny-layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="results/<name>.json (default: from model and device)")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.mixed_precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
+    threads = args.threads or (1 if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if set(modes) - {"fast", "naive"}:
+        p.error("--modes takes fast and/or naive")
+    name = args.name or f"{Path(args.model).name}-{device.type}"
+
+    with tempfile.TemporaryDirectory() as scratch:
+        spec = model_dir(args, Path(scratch))
+        t0 = time.perf_counter()
+        tok = load_tokenizer(spec)
+        params = sum(p.numel() for p in load_model(spec, dtype=args.dtype).parameters())
+        load_seconds = round(time.perf_counter() - t0, 3)
+        fmt = ChatFormat(tok)
+        data = load_data(args)
+        peak = peak_flops(device, args.peak_flops)
+        warm_up(spec, args, tok, fmt, data, device)
+        records = []
+        for stage in stages:
+            for mode in modes:
+                if stage == "evaluate":
+                    record = _rates(run_eval_stage(mode, args, spec, tok, fmt, data, device), params, 2, peak)
+                else:
+                    record = _rates(run_train_stage(stage, mode, args, spec, tok, fmt, data, device), params, 6, peak)
+                records.append(record)
+                print(_line(record), flush=True)
+
+    speedup = {}
+    for stage in stages:
+        by_mode = {r["mode"]: r for r in records if r["stage"] == stage}
+        if {"fast", "naive"} <= set(by_mode):
+            speedup[stage] = round(by_mode["fast"]["tokens_per_second"] / by_mode["naive"]["tokens_per_second"], 2)
+    report = {
+        "name": name,
+        "model": {"spec": args.model, "parameters": params, "dtype": args.dtype, "load_seconds": load_seconds},
+        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                   "peak_flops": peak, "threads": torch.get_num_threads()},
+        "mixed_precision": args.mixed_precision,
+        "data": {"source": data.source, "train": len(data.train), "forget": len(data.forget),
+                 "retain": len(data.retain), "eval": {k: len(v) for k, v in data.eval_sets.items()}},
+        "options": vars(args),
+        "stages": records,
+        "speedup_fast_over_naive": speedup,
+        "environment": environment(args.seed),
+    }
+    path = atomic_write_json(Path(args.out_dir) / f"{name}.json", report)
+    print(f"speed-up (tokens/s, fast / naive): {speedup}\nwrote {path}")
+    return report
+
+
+def _line(r: dict) -> str:
+    mfu = f"{r['mfu']:.2%}" if r["mfu"] is not None else "-"
+    steps = f"{r['steps_per_second']:.2f} steps/s" if r["steps_per_second"] is not None else ""
+    return (f"{r['stage']:>9} {r['mode']:>5}: {r['wall_seconds']:8.2f} s  {r['tokens_per_second']:10.0f} tok/s  "
+            f"{steps:>14}  peak {r['peak_memory_mib']:8.0f} MiB  MFU {mfu}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars, once per stage
+    main(sys.argv[1:])
