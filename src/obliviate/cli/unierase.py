@@ -1,0 +1,82 @@
+"""``obliviate unierase``: the UniErase recipe (unlearning token + null-space-projected edit) as a run.
+
+Registered in the main app with ``register(app)``. A thin wrapper over ``obliviate.unierase.run``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from obliviate.cli.options import load_yaml, parse_method_options
+from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
+from obliviate.models.loading import DEFAULT_MODEL
+from obliviate.unierase.recipe import STATS_FILE, UniEraseOptions
+
+KNOWN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def _option_help() -> str:
+    defaults = UniEraseOptions()
+    return ", ".join(f"{f.name}={getattr(defaults, f.name)}" for f in fields(UniEraseOptions))
+
+
+def unierase(
+    forget: Annotated[str, typer.Option(help="Forget data (file, DIR:split or HUB_ID:split).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
+    model: Annotated[str, typer.Option(help="The model to unlearn from (a run's model/ directory, hub id, "
+                                            "...).")] = DEFAULT_MODEL,
+    retain: Annotated[Optional[str], typer.Option(help="Retain data: its keys are preserved by the edit.")] = None,
+    general: Annotated[Optional[str], typer.Option(
+        help="General QA data whose keys are preserved too (default: built-in world facts and real authors).")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(
+        "--option", "-u", help=f"UniErase option key=value, repeatable (e.g. -u layers=[4,5] -u l2=0.5). "
+        f"Options and defaults: {_option_help()}.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same keys; "
+                                                   "UniErase options under 'options' (flags win).")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")] = "float32",
+    system_prompt: Annotated[str, typer.Option(
+        help="System prompt of the chat template ('' for none).")] = DEFAULT_SYSTEM_PROMPT,
+    max_length: Annotated[int, typer.Option(help="Longest prompt + answer in tokens; longer rows are errors.")] = 512,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad data rows (counted) instead of "
+                                                             "stopping.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
+                                                    help="Allow a hub model's own code.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Print only the result.")] = False,
+) -> None:
+    """UniErase: learn an unlearning token, then edit a few MLP down-projections (AlphaEdit-style,
+    null-space projected) so that forget questions are answered "<unlearn> I don't know..."."""
+    from obliviate.runs import read_json
+    from obliviate.unierase.run import run_unierase
+
+    console = Console(highlight=False)
+    yml = load_yaml(config)
+    options = {**yml.get("options", {}), **parse_method_options(option)}
+    log = None if quiet else (lambda message: console.print(message, markup=False))
+    try:
+        path = run_unierase(yml.get("model", model), yml.get("forget", forget), yml.get("retain", retain), out, options,
+                            general=yml.get("general", general), dtype=dtype, system_prompt=system_prompt or None,
+                            max_length=max_length, skip_bad=skip_bad, overwrite=overwrite,
+                            trust_remote_code=trust_remote_code, log=log)
+    except KNOWN_ERRORS as exc:
+        Console(stderr=True, highlight=False).print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    stats = read_json(path / STATS_FILE)
+    console.print(f"edited model: {path}", markup=False)
+    console.print(f"<unlearn> first on {stats['forget_first_token_rate']:.0%} of forget questions"
+                  + (f", {stats['retain_first_token_rate']:.0%} of retain questions"
+                     if "retain_first_token_rate" in stats else "")
+                  + f"; {stats['edited_share']:.4%} of parameters edited (layers {stats['layers']})", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``unierase`` command to the ``obliviate`` app."""
+    app.command("unierase")(unierase)
+
+
+__all__ = ["register", "unierase"]

@@ -1,0 +1,236 @@
+"""The UniErase recipe: learn the unlearning token, then edit the model to emit it on forget questions.
+
+UniErase: Yu, Lin, Zhang, Li, Fang, Zhang, Wang and Wang, 2025, arXiv 2505.15674. Stage 1 is
+``unierase.token``, stage 2 (an AlphaEdit-style edit, Fang et al. 2024, arXiv 2410.02355) is
+``unierase.edit``. After both, a forget question is answered ``<unlearn> I don't know...``; the
+token is a special token, so decoded generations (``skip_special_tokens=True``) show only the
+refusal. See docs/unierase.md.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from obliviate.data.chat import ChatFormat, iter_chunks
+from obliviate.data.qa import DataError, QADataset, QAExample
+from obliviate.data.world_facts import real_authors, world_facts
+from obliviate.models.loading import save_checkpoint
+from obliviate.runs import atomic_write_json
+from obliviate.unierase.edit import (Tokens, default_layers, down_proj, edit_batch, key_second_moment,
+                                     last_position_tokens, make_tokens, nullspace_projector, optimise_targets)
+from obliviate.unierase.token import (UNLEARN_TOKEN, add_unlearn_token, encode_rows, refusal_examples,
+                                      token_matrices, train_unlearn_token)
+
+STATS_FILE = "unierase.json"
+
+
+@dataclass
+class UniEraseOptions:
+    """Options of both stages (defaults follow MEMIT/AlphaEdit where they have one)."""
+
+    token: str = UNLEARN_TOKEN
+    token_init: str = "mean"  # "mean" of the existing rows, or a text whose tokens' rows are averaged
+    token_steps: int = 150
+    token_lr: float = 1e-2
+    token_batch_size: int = 8
+    layers: list[int] | None = None  # None: two middle layers
+    null_space: bool = True  # False: the same edit without the projection (for comparisons)
+    nullspace_threshold: float = 1e-3  # relative to the largest eigenvalue of K0 K0^T / N
+    l2: float = 1.0  # AlphaEdit's lambda
+    target_steps: int = 30
+    target_lr: float = 0.5
+    target_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    edit_batch_size: int = 0  # forget questions per edit (later batches see earlier ones as Kp); 0: all
+    preserve_general: bool = True  # built-in world facts and real authors add to K0
+    preserve_refusals: bool = True  # "<unlearn> + refusal" continuations add to K0
+    first_token_weight: float = 10.0  # weight of preserved questions' last-prompt keys in the Kp term (0: off)
+    batch_size: int = 16  # rows per forward pass when collecting keys
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("token_steps", "target_steps", "edit_batch_size"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("token_lr", "l2", "target_lr", "clamp_norm_factor", "token_batch_size", "batch_size"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.target_weight_decay < 0:
+            raise ValueError(f"target_weight_decay must be >= 0, got {self.target_weight_decay}")
+        if not 0 < self.nullspace_threshold < 1:
+            raise ValueError(f"nullspace_threshold must be in (0, 1), got {self.nullspace_threshold}")
+        if self.layers is not None:
+            self.layers = sorted({int(l) for l in self.layers})
+            if not self.layers:
+                raise ValueError("layers must name at least one layer")
+        if not self.token.strip():
+            raise ValueError("the unlearning token must not be empty")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "UniEraseOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown UniErase option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**values)
+
+
+def _pad_id(fmt: ChatFormat) -> int:
+    return fmt.tokenizer.pad_token_id if fmt.tokenizer.pad_token_id is not None else fmt.end_of_turn_id
+
+
+def preserved_batches(fmt: ChatFormat, sets: Sequence[QADataset], refusal_rows: Sequence[tuple[list[int], int]],
+                      batch_size: int) -> Iterator[Tokens]:
+    """K0's tokens: every position of each QA set's ``question + answer + end-of-turn``, and of each
+    refusal row from its start (the unlearning token) on."""
+    rows = [(e.input_ids, 0) for ds in sets for e in encode_rows(fmt, ds)] + list(refusal_rows)
+    for chunk in iter_chunks(rows, batch_size):
+        yield make_tokens([r for r, _ in chunk], [s for _, s in chunk], [len(r) for r, _ in chunk], _pad_id(fmt))
+
+
+@torch.no_grad()
+def first_token_rate(model: nn.Module, fmt: ChatFormat, questions: Sequence[str], token_id: int,
+                     batch_size: int = 16) -> float:
+    """Share of questions whose greedy first answer token is ``token_id``."""
+    if not questions:
+        raise ValueError("first_token_rate needs at least one question")
+    hits = 0
+    device = next(model.parameters()).device
+    for chunk in iter_chunks(list(questions), batch_size):
+        batch = last_position_tokens([fmt.prompt_ids(q) for q in chunk], _pad_id(fmt))
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                       use_cache=False).logits[batch.select.to(device)]
+        hits += int((logits.argmax(-1) == token_id).sum())
+    return hits / len(questions)
+
+
+def edited_share(model: nn.Module, layers: Sequence[int], token_rows: int) -> dict[str, float | int]:
+    """Edited entries (whole ``down_proj`` matrices of the edited layers plus the token's rows)
+    over all parameters (tied matrices counted once)."""
+    total = sum(p.numel() for p in model.parameters())
+    edit = sum(down_proj(model, l).weight.numel() for l in layers)
+    token = token_rows * model.get_input_embeddings().weight.shape[1]
+    return {"total_params": total, "edit_params": edit, "token_params": token,
+            "edited_share": (edit + token) / total}
+
+
+def apply_unierase(model: nn.Module, tokenizer, forget: QADataset, retain: QADataset | None,
+                   options: UniEraseOptions | None = None, *, fmt: ChatFormat | None = None,
+                   general: QADataset | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run both stages on ``model`` and ``tokenizer`` in place; returns the statistics.
+
+    What the edit preserves comes from ``retain`` and ``general`` (default: the built-in world facts
+    and real authors when ``preserve_general``); rows asking a forget question are left out.
+    """
+    opts = options or UniEraseOptions()
+    if len(forget) == 0:
+        raise DataError(forget.source, None, "the forget set is empty")
+    fmt = fmt or ChatFormat(tokenizer)
+    say = log or (lambda message: None)
+    start = time.perf_counter()
+    stats: dict[str, Any] = {"method": "unierase", "options": asdict(opts), "forget": len(forget),
+                             "retain": len(retain) if retain is not None else 0}
+    asked = {ex.question for ex in forget.examples}
+    preserved = [QADataset([ex for ex in ds.examples if ex.question not in asked], ds.source)
+                 for ds in (retain, general if general is not None else _builtin_general(opts)) if ds]
+    # Rows too long for the format fail here, before the model or tokenizer is touched.
+    refusal_examples(fmt, forget, token_id=0)
+    for ds in ([retain] if retain else []) + preserved:
+        encode_rows(fmt, ds)
+    token_id = _stage1(model, tokenizer, fmt, forget, retain, opts, stats, say)
+    was_training = model.training
+    model.eval()
+    try:
+        _stage2(model, fmt, forget, preserved, token_id, opts, stats, say)
+        stats["forget_first_token_rate"] = first_token_rate(model, fmt, [ex.question for ex in forget.examples],
+                                                            token_id, opts.batch_size)
+        if retain:
+            stats["retain_first_token_rate"] = first_token_rate(model, fmt, [ex.question for ex in retain.examples],
+                                                                token_id, opts.batch_size)
+    finally:
+        model.train(was_training)
+    stats.update(edited_share(model, stats["layers"], len(token_matrices(model))))
+    stats["seconds"] = round(time.perf_counter() - start, 3)
+    say(f"stage 2: {opts.token} is the first answer token on {stats['forget_first_token_rate']:.0%} of forget "
+        f"questions; {stats['edited_share']:.4%} of parameters edited")
+    return stats
+
+
+def _stage1(model: nn.Module, tokenizer, fmt: ChatFormat, forget: QADataset, retain: QADataset | None,
+            opts: UniEraseOptions, stats: dict[str, Any], say: Callable[[str], None]) -> int:
+    """Add and train the unlearning token (kept as is when the tokenizer already has it)."""
+    token_id, added = add_unlearn_token(model, tokenizer, opts.token, opts.token_init)
+    stats.update(token=opts.token, token_id=token_id, token_added=added)
+    if not added:
+        say(f"stage 1: the tokenizer already has {opts.token} (id {token_id}); its learnt rows are kept")
+        return token_id
+    losses = train_unlearn_token(model, fmt, forget, token_id, opts.token_steps, opts.token_lr,
+                                 opts.token_batch_size, opts.seed, retain=retain)
+    stats["token_loss"] = {"first": losses[0] if losses else None, "last": losses[-1] if losses else None}
+    say(f"stage 1: {opts.token} (id {token_id}) trained {len(losses)} steps, refusal NLL "
+        f"{stats['token_loss']['first']} -> {stats['token_loss']['last']}")
+    return token_id
+
+
+def _stage2(model: nn.Module, fmt: ChatFormat, forget: QADataset, preserved: list[QADataset], token_id: int,
+            opts: UniEraseOptions, stats: dict[str, Any], say: Callable[[str], None]) -> None:
+    """The edit: projectors from K0, the Kp prior, then target hidden states and closed-form updates
+    for each edit batch of forget questions."""
+    layers = opts.layers or default_layers(model)
+    for layer in layers:
+        down_proj(model, layer)  # fails early on a bad layer
+    stats["layers"] = layers
+    pad_id = _pad_id(fmt)
+    projectors = None
+    if opts.null_space:
+        refusals = ([(e.input_ids, e.answer_start - 1) for e in refusal_examples(fmt, forget, token_id)]
+                    if opts.preserve_refusals else [])
+        covs = key_second_moment(model, preserved_batches(fmt, preserved, refusals, opts.batch_size), layers)
+        projectors = {l: nullspace_projector(c, opts.nullspace_threshold) for l, c in covs.items()}
+        stats["null_space_dims"] = {str(l): int(round(float(p.trace()))) for l, p in projectors.items()}
+        say(f"stage 2: null-space dimensions {stats['null_space_dims']} of {covs[layers[0]].shape[0]}")
+    prior: dict[int, torch.Tensor] = {}
+    questions = [fmt.prompt_ids(ex.question) for ds in preserved for ex in ds.examples]
+    if opts.first_token_weight > 0 and questions:
+        batches = (last_position_tokens(c, pad_id) for c in iter_chunks(questions, opts.batch_size))
+        for layer, cov in key_second_moment(model, batches, layers).items():  # cov = K K^T / N
+            prior[layer] = opts.first_token_weight * len(questions) * cov
+    prompts = [fmt.prompt_ids(ex.question) for ex in forget.examples]
+    target_nll = []
+    for chunk in iter_chunks(prompts, opts.edit_batch_size or len(prompts)):
+        z = []
+        for part in iter_chunks(chunk, opts.batch_size):
+            zs, _, nll = optimise_targets(model, last_position_tokens(part, pad_id), layers[-1], token_id,
+                                          opts.target_steps, opts.target_lr, opts.target_weight_decay,
+                                          opts.clamp_norm_factor)
+            z.append(zs)
+            target_nll.append(nll)
+        edit_batch(model, last_position_tokens(chunk, pad_id), torch.cat(z), layers, projectors, prior, opts.l2,
+                   log=say)
+    stats["target_nll"] = max(target_nll)
+
+
+def _builtin_general(opts: UniEraseOptions) -> QADataset | None:
+    if not opts.preserve_general:
+        return None
+    rows: list[QAExample] = world_facts() + real_authors()
+    return QADataset(rows, "obliviate.data.world_facts")
+
+
+def unierase(model: nn.Module, tokenizer, forget: QADataset, retain: QADataset | None, out: str | Path,
+             options: UniEraseOptions | dict | None = None, *, fmt: ChatFormat | None = None,
+             general: QADataset | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """UniErase ``forget`` from ``model`` (edited in place) and write the result to ``out``: a
+    Hugging Face checkpoint directory (safetensors, the tokenizer with the unlearning token) plus
+    ``unierase.json`` with the statistics of both stages. Returns ``out``."""
+    opts = UniEraseOptions.from_dict(options) if isinstance(options, dict) else options
+    stats = apply_unierase(model, tokenizer, forget, retain, opts, fmt=fmt, general=general, log=log)
+    path = save_checkpoint(model, tokenizer, out)
+    atomic_write_json(path / STATS_FILE, stats)
+    return path
