@@ -41,9 +41,14 @@ def test_leaderboard_ranks_by_forget_quality_then_utility():
     assert board[0]["forgotten"] == 1 and board[0]["model_utility"] == pytest.approx(0.2)
 
 
+# Few optimisation steps: this checks the plumbing (the edit's effect is tested in test_unierase.py).
+UNIERASE_FAST = {"token_steps": 3, "target_steps": 3, "preserve_general": False}
+UE = "unierase-preserve_generalFalse-target_steps3-token_steps3"  # the cell label names its options
+
+
 def test_bench_runs_matrix_reuses_target_and_resumes(tmp_path, tiny_model_dir, small_bench):
     cfg = {"benchmark": str(small_bench), "model": str(tiny_model_dir), "forget_splits": ["forget"],
-           "methods": ["ga", "graddiff"], "seeds": [0], "finetune": {"epochs": 1, "lr": 3e-3},
+           "methods": ["ga", "graddiff", {"name": "unierase", "options": UNIERASE_FAST}], "seeds": [0], "finetune": {"epochs": 1, "lr": 3e-3},
            "unlearn": {"epochs": 1, "lr": 1e-3}, "max_new_tokens": 6}
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(cfg))
     runner = CliRunner()
@@ -52,8 +57,10 @@ def test_bench_runs_matrix_reuses_target_and_resumes(tmp_path, tiny_model_dir, s
     assert res.exit_code == 0, res.output
     out = tmp_path / "out"
     board = json.loads((out / "leaderboard.json").read_text())
-    assert {c["cell"] for c in board["cells"]} == {"ga-forget-s0", "graddiff-forget-s0"}
-    assert {r["method"] for r in board["leaderboard"]} == {"ga", "graddiff"}
+    assert {c["cell"] for c in board["cells"]} == {"ga-forget-s0", "graddiff-forget-s0", f"{UE}-forget-s0"}
+    assert {r["method"] for r in board["leaderboard"]} == {"ga", "graddiff", UE}
+    unierase_stats = json.loads((out / "cells" / f"{UE}-forget-s0" / "unlearn" / "model" / "unierase.json").read_text())
+    assert 0 < unierase_stats["edited_share"] < 0.5
     assert not (out / "cells" / "ga-forget-s0" / "target").exists()  # the target is shared, not re-made
     assert (out / "target-s0" / "model").is_dir() and (out / "report" / "report.html").exists()
     stamp = (out / "cells" / "ga-forget-s0" / "unlearn" / "model" / "model.safetensors").stat().st_mtime_ns

@@ -128,3 +128,35 @@ def test_train_config_validation():
         TrainConfig(lr=0)
     with pytest.raises(ValueError, match="unknown training options: nope"):
         TrainConfig.from_dict({"nope": 1})
+
+
+def test_steps_reach_tensorboard_and_mlflow(parts, tmp_path, monkeypatch):
+    """``log_with`` sends the same per-step numbers as log.jsonl to Accelerate's trackers, as local files."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model, tok, bench = parts
+    run = RunDir.create(tmp_path / "run")
+    train(model, tok, build_method("sft"), bench.split("train"),
+          TrainConfig(max_steps=3, lr=1e-3, batch_size=4, log_with="tensorboard, mlflow"), run=run, progress=False,
+          description="finetune")
+    losses = {r["step"]: r["loss"] for r in run.read_log()}
+    assert sorted(losses) == [1, 2, 3]
+
+    events = list((run.path / "tracking").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {e.step: e.value for e in acc.Scalars("loss")} == pytest.approx(losses, rel=1e-6)
+
+    client = MlflowClient((run.path / "tracking" / "mlruns").resolve().as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "finetune"]
+    (mlrun,) = client.search_runs([experiment.experiment_id])
+    assert {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "loss")} == pytest.approx(losses)
+    assert mlrun.data.params["lr"] == "0.001"
+
+
+def test_unknown_tracker_is_refused():
+    with pytest.raises(ValueError, match="unknown tracker wandb"):
+        TrainConfig(log_with="tensorboard,wandb")

@@ -147,10 +147,14 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
 
 def _unlearn(target: Path, bench: Benchmark, out: Path, cfg: PipelineConfig, resume: bool, common: dict) -> Path:
     if cfg.method == "unierase":
-        from obliviate.unierase import unierase_run
+        from obliviate.unierase import run_unierase
 
-        return unierase_run(target, bench.split("forget"), bench.split("retain"), out, options=cfg.method_options,
-                            resume=resume, **common)
+        # A closed-form edit has no steps to resume: a finished run is reused, anything else redone.
+        if resume and RunDir(Path(out)).status() == "done":
+            return Path(out) / "model"
+        return run_unierase(target, bench.split("forget"), bench.split("retain"), out, options=cfg.method_options,
+                            dtype=common["dtype"], system_prompt=common["system_prompt"],
+                            max_length=common["max_length"], overwrite=resume)
     return api.unlearn(target, bench.split("forget"), bench.split("retain"), out, method=cfg.method,
                        method_options=cfg.method_options, train=cfg.unlearn, resume=resume, wagle=cfg.wagle,
                        guard=cfg.guard, **common)

@@ -267,7 +267,7 @@ def _print_result(result: dict[str, Any], out: Path) -> None:
 
 
 def _register_commands() -> None:
-    from obliviate.cli import attacks, attribution
+    from obliviate.cli import attacks, attribution, unierase
     from obliviate.cli.evidence import certify, report, runs_app, verify
 
     app.command()(report)
@@ -276,6 +276,7 @@ def _register_commands() -> None:
     app.add_typer(runs_app, name="runs")
     attribution.register(app)
     attacks.register(app)
+    unierase.register(app)
 
 
 _register_commands()
@@ -283,3 +284,7 @@ _register_commands()
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m obliviate.cli.main
+    main()

@@ -37,6 +37,8 @@ TRAIN_HELP = {
     "lora_r": "LoRA rank.",
     "lora_alpha": "LoRA scaling alpha.",
     "merge_lora": "Save LoRA runs merged into the base model (else adapter only).",
+    "log_with": "Also log steps to experiment trackers, comma-separated: tensorboard, mlflow (files under "
+                "RUN/tracking; needs `pip install obliviate[tracking]`).",
 }
 
 

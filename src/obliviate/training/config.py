@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+TRACKERS = ("tensorboard", "mlflow")  # Accelerate's trackers that log to local files
+
 
 @dataclass
 class TrainConfig:
@@ -27,6 +29,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     merge_lora: bool = True
+    log_with: str = ""  # experiment trackers, comma-separated: tensorboard, mlflow (logs under RUN/tracking)
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,6 +50,9 @@ class TrainConfig:
             problems.append("mixed_precision must be no, bf16 or fp16")
         if min(self.max_steps, self.save_every, self.eval_every, self.weight_decay, self.max_grad_norm) < 0:
             problems.append("max_steps, save_every, eval_every, weight_decay and max_grad_norm must be >= 0")
+        unknown = sorted(set(self.trackers()) - set(TRACKERS))
+        if unknown:
+            problems.append(f"log_with: unknown tracker {', '.join(unknown)} (choose from {', '.join(TRACKERS)})")
         if problems:
             raise ValueError("invalid training options: " + "; ".join(problems))
 
@@ -57,6 +63,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training options: {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
         return cls(**data)
+
+    def trackers(self) -> list[str]:
+        return [t.strip() for t in self.log_with.split(",") if t.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
