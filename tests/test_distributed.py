@@ -120,6 +120,11 @@ def worker(model_dir: str, out_dir: str) -> None:
                      run=_run_dir(acc, out / f"world{world}-run"), accelerator=acc, progress=False)
     save_file(_weights(res.model), str(out / f"world{world}-rank{rank}.safetensors"))
     report = {"steps": res.steps, "tokens": res.tokens, "losses": [h["loss"] for h in res.history]}
+    # RMU reads hidden states through a hook; under DDP the forward must still complete.
+    rmu = loop.train(load_model(model_dir), tok, build_method("rmu"), forget,
+                     TrainConfig(max_steps=2, batch_size=B * (2 // world), lr=2e-3, warmup_ratio=0.0),
+                     retain=retain, accelerator=Accelerator(cpu=True), progress=False)
+    save_file(_weights(rmu.model), str(out / f"rmu-world{world}-rank{rank}.safetensors"))
 
     if world > 1:
         # Interrupted after step 3 (a checkpoint at every step), then resumed: the same weights.
@@ -213,6 +218,18 @@ def test_two_processes_train_like_one_with_the_joined_batches(runs):
     assert reports[1]["losses"] == pytest.approx(reports[0]["losses"], rel=1e-5, abs=1e-6)
 
 
+def test_rmu_on_two_processes_equals_one(runs):
+    tmp, model_dir = runs
+    one = _load(tmp / "rmu-world1-rank0.safetensors")
+    two = _load(tmp / "rmu-world2-rank0.safetensors")
+    from obliviate.models.loading import load_model
+
+    start = {k: v.detach() for k, v in load_model(str(model_dir)).named_parameters()}
+    moved = max(float((one[n] - start[n]).abs().max()) for n in one)
+    diff = max(float((one[n] - two[n]).abs().max()) for n in one)
+    assert moved > 1e-4 and diff < 2e-6, (moved, diff)
+
+
 def test_checkpoints_on_two_processes_resume_to_the_same_weights(runs):
     tmp, _ = runs
     ckpts = list((tmp / "world2-run" / "checkpoints").iterdir())
@@ -240,6 +257,30 @@ def test_data_parallel_evaluation_equals_one_process(runs):
     assert len(single["sets"]["retain"]["per_sample"]["generation"]) == len(eval_sets()["retain"])
     assert r0["eval_distributed"] == single
     assert r1["eval_distributed"] == single
+
+
+def test_unlearn_and_evaluate_commands_under_two_processes(tmp_path, tiny_model_dir, small_bench):
+    """``obliviate unlearn`` / ``evaluate`` launched on 2 processes: one run directory written once,
+    one checkpoint, one registry entry, and the evaluation of every example."""
+    from obliviate.data.benchmark import load_benchmark
+    from obliviate.reporting.registry import Registry
+
+    torchrun = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(_free_port()), "-m", "obliviate.cli.main"]
+    out = tmp_path / "run"
+    _launch([*torchrun, "unlearn", "--model", str(tiny_model_dir), "--forget", f"{small_bench}:forget",
+             "--retain", f"{small_bench}:retain", "--method", "graddiff", "--out", str(out),
+             "--max-steps", "2", "--batch-size", str(B), "--no-progress"], tmp_path)
+    assert json.loads((out / "status.json").read_text())["status"] == "done"
+    assert (out / "model" / "model.safetensors").exists() and not (out / "model.tmp").exists()
+    assert [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == [1, 2]
+    assert [r.kind for r in Registry().list_runs()] == ["unlearn"]
+
+    _launch([*torchrun, "evaluate", "--model", str(out / "model"), "--benchmark", str(small_bench), "--label", "u",
+             "--out", str(out), "--max-new-tokens", "4", "--batch-size", "3", "--no-progress"], tmp_path)
+    result = json.loads((out / "eval" / "u.json").read_text())
+    n = len(load_benchmark(small_bench).split("forget"))
+    assert len(result["sets"]["forget"]["per_sample"]["generation"]) == n
 
 
 def test_process_share_and_merge_in_order():

@@ -50,8 +50,25 @@ def _train_config(train: TrainConfig | dict | None, defaults: dict[str, Any]) ->
     return TrainConfig.from_dict({**defaults, **(train or {})})
 
 
+def _processes():
+    """Accelerate's process state: one process, or the N of ``accelerate launch`` / torchrun."""
+    from accelerate import PartialState
+
+    return PartialState()
+
+
 def _open(out: str | Path, overwrite: bool, resume: bool) -> RunDir:
-    return RunDir.create(out, overwrite=overwrite, resume=resume and Path(out).exists())
+    """The run directory. Under several processes every one checks it (so all raise alike), the main
+    one creates it, and the others get a view that does not write."""
+    resume = resume and Path(out).exists()
+    state = _processes()
+    if state.num_processes == 1:
+        return RunDir.create(out, overwrite=overwrite, resume=resume)
+    RunDir.check(out, overwrite=overwrite, resume=resume)
+    state.wait_for_everyone()  # nobody reads the directory while the main process replaces it
+    run = RunDir.create(out, overwrite=overwrite, resume=resume) if state.is_main_process else RunDir(Path(out), writer=False)
+    state.wait_for_everyone()
+    return run
 
 
 FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 10, "lr": 2e-4, "batch_size": 8, "warmup_ratio": 0.1}
@@ -60,7 +77,7 @@ UNLEARN_DEFAULTS: dict[str, Any] = {"epochs": 5, "lr": 1e-5, "batch_size": 8, "w
 
 
 def _device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device or str(_processes().device)  # this process's GPU under accelerate launch
 
 
 class RunRecorder:
@@ -84,6 +101,13 @@ class RunRecorder:
         except Exception as exc:  # noqa: BLE001 - see the docstring
             warnings.warn(f"run registry unavailable: {exc}")
             self.registry = None
+
+    @classmethod
+    def disabled(cls) -> "RunRecorder":
+        """A recorder that records nothing (non-main processes: the main one records the run)."""
+        recorder = cls.__new__(cls)
+        recorder.registry, recorder.run_id = None, None
+        return recorder
 
     def finish(self, status: str, children: tuple[Path, ...] = ()) -> None:
         """Record the end of the run, and register finished sub-runs as its children."""
@@ -124,7 +148,7 @@ def _run_training(run: RunDir, config: dict, model_spec: str, method, primary: Q
         data["retain"] = fingerprint(retain)
     run.write_json("data.json", data)
     run.set_status("running")
-    registered = RunRecorder(run, config["command"], resume)
+    registered = RunRecorder(run, config["command"], resume) if run.writer else RunRecorder.disabled()
     try:
         tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
         if model is None:
@@ -133,12 +157,15 @@ def _run_training(run: RunDir, config: dict, model_spec: str, method, primary: Q
         result = train_loop(model, tokenizer, method, primary, train, retain=retain, fmt=fmt, run=run,
                             resume=resume, sample_weights=sample_weights, param_masks=param_masks,
                             on_eval=on_eval, progress=progress, description=description)
-        out = save_checkpoint(result.model, tokenizer, run.file("model"), merge_lora=train.merge_lora)
+        out = run.file("model")
+        if run.writer:  # under FSDP/DeepSpeed the loop gathered the full state dict for this process
+            save_checkpoint(result.model, tokenizer, out, merge_lora=train.merge_lora, state_dict=result.state_dict)
+        _processes().wait_for_everyone()  # every process returns a checkpoint that exists
         run.write_json("train_stats.json", {"steps": result.steps, "seconds": round(result.seconds, 3),
                                             "tokens": result.tokens,
                                             "tokens_per_second": round(result.tokens_per_second, 2),
                                             "last_loss": result.last_loss})
-        if config["command"] == "unlearn":
+        if config["command"] == "unlearn" and run.writer:
             from obliviate.reporting.model_card import model_card_info, write_model_card
 
             write_model_card(out, model_card_info(run.path))
@@ -241,9 +268,12 @@ def evaluate(model: str | Path, benchmark: str | Path | dict[str, QADataset], ou
         model_obj = load_model(str(model), dtype=dtype, device=_device(None), trust_remote_code=trust_remote_code)
     fmt = ChatFormat(tokenizer, system_prompt=system_prompt, max_length=max_length)
     start = time.time()
+    state = _processes()  # under accelerate launch: batches split across processes, merged in order
     result = evaluate_model(model_obj, tokenizer, sets, fmt=fmt, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            oracle=oracle, progress=progress, label=label)
+                            oracle=oracle, progress=progress and state.is_main_process, label=label,
+                            distributed=state.num_processes > 1)
     result["seconds"] = round(time.time() - start, 3)
-    if out is not None:
+    if out is not None and state.is_main_process:
         save_eval(result, Path(out) / "eval" / f"{label}.json")
+    state.wait_for_everyone()
     return result

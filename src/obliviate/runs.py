@@ -106,26 +106,37 @@ def environment(seed: int | None = None) -> dict[str, Any]:
 
 
 class RunDir:
-    """A run folder. ``RunDir.create(path, overwrite=..., resume=...)`` is the one way to open one."""
+    """A run folder. ``RunDir.create(path, overwrite=..., resume=...)`` is the one way to open one.
 
-    def __init__(self, path: Path):
+    ``writer=False`` gives a read-only view whose writes are skipped: what the non-main processes of
+    a multi-process run hold, so that one process writes each file."""
+
+    def __init__(self, path: Path, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
 
-    @classmethod
-    def create(cls, path: str | Path, overwrite: bool = False, resume: bool = False) -> "RunDir":
+    @staticmethod
+    def check(path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+        """Raise as ``create`` would, without changing anything."""
         path = Path(path)
         if overwrite and resume:
             raise ValueError("choose either --overwrite or --resume, not both")
         if path.exists() and any(path.iterdir()):
-            if resume:
-                return cls(path)
-            if not overwrite:
+            if not resume and not overwrite:
                 raise RunExistsError(
                     f"run directory {path} already exists; pass --overwrite to replace it or --resume to continue it"
                 )
-            shutil.rmtree(path)
         elif resume:
             raise FileNotFoundError(f"cannot resume: run directory {path} does not exist")
+
+    @classmethod
+    def create(cls, path: str | Path, overwrite: bool = False, resume: bool = False) -> "RunDir":
+        path = Path(path)
+        cls.check(path, overwrite, resume)
+        if path.exists() and any(path.iterdir()):
+            if resume:
+                return cls(path)
+            shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
 
@@ -133,10 +144,14 @@ class RunDir:
         return self.path / name
 
     def write_config(self, config: dict[str, Any], seed: int | None = None) -> None:
+        if not self.writer:
+            return
         atomic_write_text(self.file("config.yaml"), yaml.safe_dump(config, sort_keys=False))
         atomic_write_json(self.file("environment.json"), environment(seed))
 
     def write_json(self, name: str, obj: Any) -> Path:
+        if not self.writer:
+            return self.file(name)
         return atomic_write_json(self.file(name), obj)
 
     def read_json(self, name: str) -> Any:
@@ -147,6 +162,8 @@ class RunDir:
 
     def log(self, record: dict[str, Any], name: str = "log.jsonl") -> None:
         """Append one line of the per-step log (append-only; a torn last line is ignored on read)."""
+        if not self.writer:
+            return
         with self.file(name).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=_json_default) + "\n")
 
@@ -162,9 +179,13 @@ class RunDir:
         return rows
 
     def rewrite_log(self, rows: list[dict[str, Any]], name: str = "log.jsonl") -> None:
+        if not self.writer:
+            return
         atomic_write_text(self.file(name), "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
 
     def set_status(self, status: str, **extra: Any) -> None:
+        if not self.writer:
+            return
         self.write_json("status.json", {"status": status, "time": time.time(), **extra})
 
     def status(self) -> str | None:

@@ -103,7 +103,8 @@ def prepare_attribution(run, model: torch.nn.Module, fmt, method, forget, retain
             if retain is None:
                 raise ValueError("GUARD needs retain data")
             result = compute_guard(model, fmt, forget, retain, guard)
-            save_guard(run.file(GUARD_FILE), result, forget)
+            if run.writer:  # one process writes; every process computed the same weights
+                save_guard(run.file(GUARD_FILE), result, forget)
             sample_weights = result.weights
             config["guard"] = {**_jsonable(vars(guard)), "weights_file": GUARD_FILE}
     if wagle is not None:
@@ -120,7 +121,8 @@ def prepare_attribution(run, model: torch.nn.Module, fmt, method, forget, retain
             if retain is None:
                 raise ValueError("WAGLE needs retain data")
             mask = compute_wagle_mask(model, fmt, method, forget, retain, wagle, sample_weights=sample_weights)
-            save_mask(run.file(WAGLE_FILE), mask, {"method": getattr(method, "name", "")})
+            if run.writer:
+                save_mask(run.file(WAGLE_FILE), mask, {"method": getattr(method, "name", "")})
             run.write_json(WAGLE_REPORT, mask.report)
             param_masks = mask.masks
             config["wagle"] = {**_jsonable(vars(wagle)), "mask_file": WAGLE_FILE}

@@ -38,11 +38,12 @@ def greedy_batch(model, prompts: Sequence[list[int]], stop_ids: Sequence[int], p
     stops = torch.tensor(list(stop_ids), device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     steps: list[torch.Tensor] = []
+    cache_arg = _cache_argument(model)
     past = None
     for _ in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                    use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{cache_arg: past})
+        past = getattr(out, cache_arg)
         token = out.logits[:, -1].argmax(-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         steps.append(token)
@@ -57,6 +58,14 @@ def greedy_batch(model, prompts: Sequence[list[int]], stop_ids: Sequence[int], p
     rows = torch.stack(steps, dim=1).tolist()
     stop_set = set(stop_ids)
     return [_until_stop(row, stop_set) for row in rows]
+
+
+def _cache_argument(model) -> str:
+    """The KV-cache keyword of ``model.forward``: ``cache`` in recent transformers, where
+    ``past_key_values`` is a deprecated alias; ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:

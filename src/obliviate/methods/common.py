@@ -106,15 +106,20 @@ class _Captured(Exception):
 def hidden_states_at(model: nn.Module, layer: int, view: dict) -> torch.Tensor:
     """Output hidden states ``[B, T, d]`` of decoder layer ``layer`` (0-based), keeping the graph.
 
-    A forward hook captures the layer's output and stops the forward there, so the later layers
-    and the vocabulary projection are never computed. The hook is removed before returning, so a
-    gradient-checkpointing recomputation in backward does not trigger it again.
+    A forward hook captures the layer's output and, on one process, stops the forward there, so the
+    later layers and the vocabulary projection are never computed. Under several processes the
+    forward runs to the end: DDP/FSDP wrappers set up their gradient synchronisation after the
+    wrapped forward returns, which an exception would skip. The hook is removed before returning, so
+    a gradient-checkpointing recomputation in backward does not trigger it again.
     """
     captured: list[torch.Tensor] = []
+    stop_early = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                      and torch.distributed.get_world_size() > 1)
 
     def hook(module, args, output):
         captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _Captured
+        if stop_early:
+            raise _Captured
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:

@@ -121,10 +121,11 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
     return model
 
 
-def save_checkpoint(model, tokenizer, path: str | Path, merge_lora: bool = True) -> Path:
+def save_checkpoint(model, tokenizer, path: str | Path, merge_lora: bool = True, state_dict=None) -> Path:
     """Save as a Hugging Face directory with safetensors, atomically (written beside, then renamed).
 
     With a peft model, ``merge_lora=True`` writes a plain merged model; ``False`` writes the adapter.
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's gathered ones).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -134,7 +135,7 @@ def save_checkpoint(model, tokenizer, path: str | Path, merge_lora: bool = True)
         import copy
 
         to_save = copy.deepcopy(model).merge_and_unload()
-    to_save.save_pretrained(tmp, safe_serialization=True)
+    to_save.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if path.exists():

@@ -36,6 +36,7 @@ class TrainResult:
     tokens: int
     last_loss: float | None
     history: list[dict] = field(default_factory=list)
+    state_dict: dict | None = None  # FSDP/DeepSpeed: the full weights, gathered (on the main process)
 
     @property
     def tokens_per_second(self) -> float:
@@ -307,13 +308,18 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
         accelerator.end_training()
     if world > 1:  # tokens of every process, so tokens/s is the job's throughput
         tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum"))
+    from accelerate.utils import DistributedType
+
+    state_dict = None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        state_dict = accelerator.get_state_dict(model)  # a collective: every process takes part
     model = accelerator.unwrap_model(model)
     if cfg.lora and cfg.merge_lora:
         model = model.merge_and_unload()
     for hook in hooks:
         hook.remove()
     model.eval()
-    return TrainResult(model, step, seconds, tokens, last_loss, history)
+    return TrainResult(model, step, seconds, tokens, last_loss, history, state_dict)
 
 
 def _tracking_kwargs(trackers: list[str], run: RunDir | None) -> dict:
@@ -345,6 +351,12 @@ def _check_sharded_setup(accelerator, cfg: TrainConfig, masks: dict) -> None:
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    if cfg.lora and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"LoRA is not supported with {kind.value}: adapters are small enough for DDP "
+                         "(use the DDP config)")
+    if cfg.eval_every and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"eval_every is not supported with {kind.value}: evaluation during training needs the "
+                         "whole model on each process (evaluate the saved checkpoints instead)")
     if masks and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(f"weight masks need whole parameters; they are not supported with {kind.value} "
                          "(use DDP, or one process)")
