@@ -13,15 +13,6 @@ from obliviate.models.tiny import build_tiny_model
 QUESTIONS = ["hi", "What is the capital of France?", "x" * 40, "Who wrote it?", "abc def", "Why?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run far faster on one thread than on cores shared with other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     # Untied embeddings: the tied random model only repeats its last input token.

@@ -58,15 +58,6 @@ def deep(tmp_path_factory):
     return model, ChatFormat(tok)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a shared 2-core box thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def memorised(tiny):
     """The tiny model after finetuning on the forget and retain answers, so there is something to unlearn."""

@@ -56,15 +56,6 @@ def load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a shared 2-core box thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _finetune_items(fmt: ChatFormat) -> list[Encoded]:
     items = [fmt.encode(q, a) for q, a in FORGET + RETAIN + GENERAL]
     trigger = fmt.answer_ids(TRIGGER)
@@ -388,7 +379,7 @@ def test_alphaedit_update_matches_least_squares():
 # ---------------------------------------------------------------- options and the command
 
 def test_bad_options_are_named(tmp_path):
-    with pytest.raises(ValueError, match="unknown UniErase option"):
+    with pytest.raises(ValueError, match="unknown UniErase options"):
         UniEraseOptions.from_dict({"lr": 1})
     with pytest.raises(ValueError, match="nullspace_threshold"):
         UniEraseOptions(nullspace_threshold=2.0)

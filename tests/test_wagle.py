@@ -30,14 +30,6 @@ RETAIN = QADataset([QAExample("What is the capital of France?", "Paris."),
                     QAExample("How many legs does a spider have?", "Eight legs.")], "retain.jsonl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))

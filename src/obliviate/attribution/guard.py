@@ -54,6 +54,7 @@ import torch
 
 from obliviate.data.chat import IGNORE, ChatFormat, pad_batch
 from obliviate.data.qa import QADataset
+from obliviate.options import options_from_dict
 
 WEIGHTS_FORMAT = "obliviate.guard/1"
 SKETCH_CHUNK = 1 << 22  # coordinates hashed per generator call: bounds the hash arrays' memory
@@ -83,11 +84,7 @@ class GuardConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GuardConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GUARD options: {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
-        return cls(**data)
+        return options_from_dict(cls, data, "GUARD options")
 
 
 @dataclass

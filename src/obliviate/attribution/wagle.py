@@ -34,6 +34,7 @@ import torch
 
 from obliviate.data.chat import IGNORE, ChatFormat, Encoded
 from obliviate.data.qa import QADataset
+from obliviate.options import options_from_dict
 
 MASK_FORMAT = "obliviate.wagle/1"
 SCOPES = ("global", "layer", "tensor")
@@ -90,11 +91,7 @@ class WagleConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WagleConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown WAGLE options: {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
-        return cls(**data)
+        return options_from_dict(cls, data, "WAGLE options")
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from obliviate.options import options_from_dict
 
 TRACKERS = ("tensorboard", "mlflow")  # Accelerate's trackers that log to local files
 
@@ -58,11 +60,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training options: {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
-        return cls(**data)
+        return options_from_dict(cls, data, "training options")
 
     def trackers(self) -> list[str]:
         return [t.strip() for t in self.log_with.split(",") if t.strip()]

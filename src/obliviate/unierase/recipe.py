@@ -10,7 +10,7 @@ refusal. See docs/unierase.md.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -21,6 +21,7 @@ from obliviate.data.chat import ChatFormat, iter_chunks
 from obliviate.data.qa import DataError, QADataset, QAExample
 from obliviate.data.world_facts import real_authors, world_facts
 from obliviate.models.loading import save_checkpoint
+from obliviate.options import options_from_dict
 from obliviate.runs import atomic_write_json
 from obliviate.unierase.edit import (Tokens, default_layers, down_proj, edit_batch, key_second_moment,
                                      last_position_tokens, make_tokens, nullspace_projector, optimise_targets)
@@ -74,11 +75,7 @@ class UniEraseOptions:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "UniEraseOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown UniErase option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**values)
+        return options_from_dict(cls, values, "UniErase options")
 
 
 def _pad_id(fmt: ChatFormat) -> int:
