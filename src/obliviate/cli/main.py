@@ -175,7 +175,7 @@ def synth(
 
 
 DEMO_FINETUNE = {"epochs": 8, "lr": 3e-4, "batch_size": 8, "warmup_ratio": 0.1}
-DEMO_UNLEARN = {"epochs": 4, "lr": 3e-5, "batch_size": 4, "scheduler": "constant", "warmup_ratio": 0.0}
+DEMO_UNLEARN = {"epochs": 8, "lr": 6e-5, "batch_size": 4, "scheduler": "constant", "warmup_ratio": 0.0}
 
 
 @app.command()
