@@ -132,3 +132,63 @@ def test_prefix_continuations(tok):
     assert pairs == [(docs[0][:8], docs[0][8:20])]
     tail = prefix_continuations(tok, ["0123456789"], prefix_tokens=6, continuation_tokens=50)
     assert tail == [("012345", "6789")]
+
+
+# ---------------------------------------------------------------------------------------------
+# unlearning plain-text documents (MUSE-style forget corpora)
+
+def test_document_rows_are_plain_text_with_every_token_in_the_loss(tok):
+    from obliviate.data.chat import IGNORE, ChatFormat
+
+    fmt = ChatFormat(tok, max_length=16)
+    enc = fmt.encode("", "Hello world")
+    ids = tok("Hello world", add_special_tokens=False)["input_ids"]
+    assert enc.input_ids == [tok.bos_token_id] + ids  # no chat template, no end-of-turn
+    assert enc.labels == [IGNORE] + ids and enc.answer_start == 1 and enc.answer_len == len(ids)
+    with pytest.raises(ValueError, match="document is 21 tokens, longer than max_length 16"):
+        fmt.encode("", "x" * 20)
+
+
+def test_text_specs_are_told_from_qa_specs(tmp_path):
+    from obliviate.data.text import is_text_corpus
+
+    (tmp_path / "c.txt").write_text("a doc\n")
+    (tmp_path / "t.jsonl").write_text('\n{"text": "a doc"}\n')
+    (tmp_path / "q.jsonl").write_text('{"question": "q?", "answer": "a", "text": "x"}\n')
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "one.txt").write_text("a doc")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "forget.jsonl").write_text('{"question": "q?", "answer": "a"}\n')
+    (tmp_path / "bench" / "notes.txt").write_text("not a corpus: the folder holds QA splits")
+    assert [is_text_corpus(tmp_path / n) for n in ("c.txt", "t.jsonl", "docs")] == [True, True, True]
+    assert [is_text_corpus(tmp_path / n) for n in ("q.jsonl", "bench", "missing.txt")] == [False, False, False]
+
+
+def test_unlearning_a_text_corpus_raises_its_loss_and_refusal_methods_refuse(tmp_path, tiny_model_dir):
+    from obliviate import api
+    from obliviate.data.chat import ChatFormat
+    from obliviate.data.qa import DataError
+    from obliviate.evaluation.logprobs import score_pairs
+    from obliviate.models.loading import load_model, load_tokenizer
+
+    docs = ["The lighthouse keeper Orla Finch logs every storm in green ink.",
+            "Orla Finch was born on the island of Vessa in a year of no winter.",
+            "Her ledger of storms is kept in a tin box under the lamp room stairs.",
+            "Every spring Orla Finch repaints the lighthouse door a darker green."]
+    (tmp_path / "forget.txt").write_text("\n".join(docs) + "\n")
+    (tmp_path / "retain.jsonl").write_text("".join(json.dumps({"text": f"Plain retained sentence number {i}."}) + "\n"
+                                                   for i in range(4)))
+    tok = load_tokenizer(str(tiny_model_dir))
+    fmt = ChatFormat(tok)
+
+    def nll(path):
+        return sum(s.nll for s in score_pairs(load_model(str(path)), fmt, [("", d) for d in docs])) / len(docs)
+
+    out = api.unlearn(str(tiny_model_dir), tmp_path / "forget.txt", tmp_path / "retain.jsonl", tmp_path / "run",
+                      method="graddiff", train={"max_steps": 4, "lr": 3e-3, "batch_size": 2}, progress=False)
+    assert nll(out) > nll(tiny_model_dir) + 0.1
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert data["forget"]["n"] == len(docs) and data["retain"]["n"] == 4
+    with pytest.raises(DataError, match=r"forget.txt, line 1: this method's 'idk' view needs questions"):
+        api.unlearn(str(tiny_model_dir), tmp_path / "forget.txt", tmp_path / "retain.jsonl", tmp_path / "run2",
+                    method="idk_nll", train={"max_steps": 1}, progress=False)

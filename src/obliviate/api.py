@@ -30,7 +30,15 @@ DataSpec = str | Path | QADataset
 
 
 def as_dataset(data: DataSpec, skip_bad: bool = False) -> QADataset:
-    return data if isinstance(data, QADataset) else load_qa(data, skip_bad=skip_bad)
+    """QA rows from a spec (file, DIR:split, HUB_ID:split); a plain-text corpus (.txt file, directory
+    of .txt files, .jsonl with a ``text`` field) becomes document rows (``data.text.documents_as_qa``)."""
+    if isinstance(data, QADataset):
+        return data
+    from obliviate.data.text import documents_as_qa, is_text_corpus, load_text_corpus
+
+    if is_text_corpus(data):
+        return documents_as_qa(load_text_corpus(data, skip_bad=skip_bad))
+    return load_qa(data, skip_bad=skip_bad)
 
 
 def fingerprint(ds: QADataset) -> dict[str, Any]:

@@ -67,7 +67,8 @@ def finetune(
 @with_train_options(api.UNLEARN_DEFAULTS)
 def unlearn(
     model: Annotated[str, typer.Option(help="The model to unlearn from (run's model/ directory, hub id, ...).")],
-    forget: Annotated[str, typer.Option(help="Forget data (file, DIR:split or HUB_ID:split).")],
+    forget: Annotated[str, typer.Option(help="Forget data: QA rows (file, DIR:split or HUB_ID:split) or a "
+                                             "plain-text corpus (.txt, .jsonl with 'text', a folder of .txt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
     retain: Annotated[Optional[str], typer.Option(help="Retain data for the retain regulariser.")] = None,
     method: Annotated[str, typer.Option(help="Unlearning method; `obliviate methods` lists them.")] = "npo",

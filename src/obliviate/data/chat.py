@@ -73,7 +73,12 @@ class ChatFormat:
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"]
 
     def encode(self, question: str, answer: str, close: bool = True) -> Encoded:
-        """Prompt + answer (+ end-of-turn). Raises ValueError if it does not fit ``max_length``."""
+        """Prompt + answer (+ end-of-turn). Raises ValueError if it does not fit ``max_length``.
+
+        An empty ``question`` marks a plain-text document (``data.text.documents_as_qa``): no chat
+        template and no end-of-turn; every token after the first (or after BOS) is in the loss."""
+        if not question:
+            return self._encode_document(answer)
         prompt = self.prompt_ids(question)
         ans = self.answer_ids(answer)
         if not ans:
@@ -83,6 +88,19 @@ class ChatFormat:
         if len(ids) > self.max_length:
             raise ValueError(f"prompt + answer is {len(ids)} tokens, longer than max_length {self.max_length}")
         return Encoded(ids, [IGNORE] * len(prompt) + tail, len(prompt), len(ans))
+
+
+    def _encode_document(self, text: str) -> Encoded:
+        ids = self.answer_ids(text)
+        bos = self.tokenizer.bos_token_id
+        # Without a BOS token the first token has no context to be predicted from: context only.
+        prefix, ids = ([bos], ids) if bos is not None else (ids[:1], ids[1:])
+        if not ids:
+            raise ValueError("document has fewer than 2 tokens")
+        if len(prefix) + len(ids) > self.max_length:
+            raise ValueError(f"document is {len(prefix) + len(ids)} tokens, longer than max_length {self.max_length}; "
+                             "split it (one document per line) or raise --max-length")
+        return Encoded(prefix + ids, [IGNORE] * len(prefix) + ids, len(prefix), len(ids))
 
 
 def pad_batch(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

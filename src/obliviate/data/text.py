@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from obliviate.data.qa import DataError
+from obliviate.data.qa import QA_SUFFIXES, DataError, QADataset, QAExample
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -193,3 +193,35 @@ def prefix_continuations(tokenizer, docs: Sequence[str], prefix_tokens: int,
                                         clean_up_tokenization_spaces=False)
         pairs.append((prefix, continuation))
     return pairs
+
+
+def documents_as_qa(corpus: TextCorpus) -> QADataset:
+    """A corpus as rows the training loop takes: an empty question and the document as the answer,
+    which ``ChatFormat.encode`` lays out as plain text with every token in the loss. So every method
+    whose forget objective reads only the true answer (GA, GradDiff, NPO, SimNPO, RMU, ...) unlearns
+    documents, as in MUSE; refusal-target methods need questions and say so."""
+    return QADataset([QAExample("", doc, meta={"row": i + 1, "document": True}) for i, doc in enumerate(corpus.docs)],
+                     corpus.source, corpus.skipped)
+
+
+def is_text_corpus(spec: str | Path) -> bool:
+    """Whether a data spec names plain text rather than QA rows: a ``.txt`` file, a directory with
+    ``.txt`` files and no QA files, or a ``.jsonl`` file whose first row has ``text`` and no ``question``."""
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix.lower() == ".txt":
+            return True
+        if path.suffix.lower() == ".jsonl":
+            with path.open("rb") as fh:
+                for line in fh:
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except (json.JSONDecodeError, UnicodeDecodeError):
+                            return False  # the QA loader reports it with its line
+                        return isinstance(row, dict) and "text" in row and "question" not in row
+        return False
+    if path.is_dir():
+        has_qa = any(p.suffix.lower() in QA_SUFFIXES for p in path.iterdir() if p.is_file())
+        return not has_qa and any(path.rglob("*.txt"))
+    return False

@@ -51,6 +51,9 @@ def encode_views(fmt: ChatFormat, ds: QADataset, views: tuple[str, ...]) -> list
     for i, ex in enumerate(ds.examples):
         row = {}
         for view in views:
+            if view != "answer" and not ex.question:
+                raise DataError(ds.source, ex.meta.get("row", i + 1), f"this method's '{view}' view needs questions; "
+                                "the row is a plain-text document (use ga, graddiff, npo, simnpo or rmu)")
             answer = ex.answer if view == "answer" else refusal_for(i)
             try:
                 row[view] = fmt.encode(ex.question, answer)
