@@ -160,3 +160,29 @@ def test_steps_reach_tensorboard_and_mlflow(parts, tmp_path, monkeypatch):
 def test_unknown_tracker_is_refused():
     with pytest.raises(ValueError, match="unknown tracker wandb"):
         TrainConfig(log_with="tensorboard,wandb")
+
+
+def test_eight_bit_adamw_trains_with_8_bit_states(parts, monkeypatch):
+    """``optimizer=adamw8bit`` builds bitsandbytes' AdamW8bit (its moments are uint8) and still learns."""
+    import bitsandbytes as bnb
+
+    made = []
+
+    class Spy(bnb.optim.AdamW8bit):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", Spy)
+    model, tok, bench = parts
+    data = bench.split("train")
+    before = mean_nll(model, tok, data)
+    res = train(model, tok, build_method("sft"), data, TrainConfig(epochs=3, lr=3e-3, batch_size=4,
+                optimizer="adamw8bit"), progress=False)
+    assert mean_nll(res.model, tok, data) < before - 0.5
+    (opt,) = made
+    states = [s for s in opt.state.values() if "state1" in s]
+    assert states and any(s["state1"].dtype == torch.uint8 for s in states)  # big tensors: 8-bit moments
+    with pytest.raises(ValueError, match="paged_adamw8bit .* needs CUDA"):
+        train(model, tok, build_method("sft"), data, TrainConfig(max_steps=1, optimizer="paged_adamw8bit"),
+              progress=False)

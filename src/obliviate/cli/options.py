@@ -26,7 +26,7 @@ TRAIN_HELP = {
     "warmup_ratio": "Share of steps with linear warm-up.",
     "scheduler": "Learning-rate schedule after warm-up: linear, constant or cosine.",
     "max_grad_norm": "Gradient clipping norm; 0 disables clipping.",
-    "optimizer": "adamw or sgd.",
+    "optimizer": "adamw, sgd, adamw8bit or paged_adamw8bit (8-bit states, bitsandbytes; paged: CUDA only).",
     "seed": "Seed for batching and initialisation.",
     "mixed_precision": "no, bf16 or fp16 (GPU; bf16 on a CPU without bf16 units is very slow).",
     "gradient_checkpointing": "Recompute activations in backward to save memory.",

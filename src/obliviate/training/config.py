@@ -7,7 +7,11 @@ from typing import Any
 
 from obliviate.options import options_from_dict
 
-TRACKERS = ("tensorboard", "mlflow")  # Accelerate's trackers that log to local files
+TRACKERS = ("tensorboard", "mlflow")
+# 8-bit AdamW keeps its two moments in 8 bits (bitsandbytes, Dettmers et al. 2022, arXiv 2110.02861):
+# 2 bytes/param of optimiser state instead of 8. The paged variant also pages them to CPU RAM under
+# GPU memory pressure (CUDA only).
+OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "paged_adamw8bit")  # Accelerate's trackers that log to local files
 
 
 @dataclass
@@ -20,7 +24,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     scheduler: str = "linear"  # linear | constant | cosine
     max_grad_norm: float = 1.0
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # adamw | sgd | adamw8bit | paged_adamw8bit
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
@@ -46,8 +50,8 @@ class TrainConfig:
             problems.append("warmup_ratio must be in [0, 1)")
         if self.scheduler not in ("linear", "constant", "cosine"):
             problems.append("scheduler must be linear, constant or cosine")
-        if self.optimizer not in ("adamw", "sgd"):
-            problems.append("optimizer must be adamw or sgd")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             problems.append("mixed_precision must be no, bf16 or fp16")
         if min(self.max_steps, self.save_every, self.eval_every, self.weight_decay, self.max_grad_norm) < 0:

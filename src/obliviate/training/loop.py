@@ -230,10 +230,10 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
     decay = [p for n, p in trainable if n not in masks and p.ndim >= 2]
     no_decay = [p for n, p in trainable if n not in masks and p.ndim < 2] + [p for n, p in trainable if n in masks]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr)
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    optimizer = _optimizer(cfg, groups, sharded)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
     _check_sharded_setup(accelerator, cfg, masks)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -311,10 +311,8 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
         accelerator.end_training()
     if world > 1:  # tokens of every process, so tokens/s is the job's throughput
         tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum"))
-    from accelerate.utils import DistributedType
-
     state_dict = None
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if sharded:
         state_dict = accelerator.get_state_dict(model)  # a collective: every process takes part
     model = accelerator.unwrap_model(model)
     if cfg.lora and cfg.merge_lora:
@@ -323,6 +321,25 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
         hook.remove()
     model.eval()
     return TrainResult(model, step, seconds, tokens, last_loss, history, state_dict)
+
+
+def _optimizer(cfg: TrainConfig, groups: list[dict], sharded: bool) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        # One fused kernel per step when every weight is on a GPU (not under FSDP/DeepSpeed, which
+        # own the parameters); torch's default implementation elsewhere.
+        fused = not sharded and all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError(f"optimizer {cfg.optimizer} needs bitsandbytes (pip install bitsandbytes)") from None
+    if cfg.optimizer == "paged_adamw8bit" and not torch.cuda.is_available():
+        raise ValueError("paged_adamw8bit pages optimiser state between GPU and CPU memory: it needs CUDA "
+                         "(use adamw8bit)")
+    cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    return cls(groups, lr=cfg.lr)
 
 
 def _tracking_kwargs(trackers: list[str], run: RunDir | None) -> dict:
