@@ -51,11 +51,19 @@ def test_bad_options_and_data_are_clear_errors(tmp_path, tiny_model_dir):
 def test_demo_pipeline_end_to_end_resume_and_no_overwrite(tmp_path, tiny_model_dir):
     args = ["demo", "--model", tiny_model_dir, "--out", tmp_path / "demo", "--n-entities", 6,
             "--facts-per-entity", 3, "--forget-fraction", 0.34, "--finetune-epochs", 2, "--finetune-lr", 3e-3,
-            "--unlearn-epochs", 2, "--unlearn-lr", 1e-3, "--max-new-tokens", 8, "--no-progress"]
+            "--unlearn-epochs", 2, "--unlearn-lr", 1e-3, "--max-new-tokens", 8, "--eval-every", 1, "--no-progress"]
     res = run(*args)
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"target", "oracle", "unlearned"}
+    # the trade-off trajectory: the target at step 0, every step evaluated, the unlearned model last
+    trajectory = json.loads((tmp_path / "demo" / "trajectory.json").read_text())
+    steps = json.loads((tmp_path / "demo" / "unlearn" / "train_stats.json").read_text())["steps"]
+    assert [p["step"] for p in trajectory] == list(range(steps + 1)) and steps >= 2
+    for point, label in ((trajectory[0], "target"), (trajectory[-1], "unlearned")):
+        for key in ("forget_quality", "model_utility", "forget_rouge"):
+            assert point[key] == pytest.approx(metrics["models"][label][key]), (label, key)
+    assert len({p["forget_quality"] for p in trajectory}) > 1
     for label in ("target", "oracle", "unlearned"):
         ev = json.loads((tmp_path / "demo" / "eval" / f"{label}.json").read_text())
         assert len(ev["sets"]["forget"]["per_sample"]["truth_ratio_raw"]) == ev["sets"]["forget"]["n"]

@@ -115,8 +115,10 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
         oracle_eval = evaluated("oracle", oracle)
         target_eval = evaluated("target", target, oracle_eval)
         echo(f"[obliviate] unlearning the forget split with {cfg.method}")
-        unlearned = _unlearn(target, bench, run.file("unlearn"), cfg, resume, common)
+        trajectory = _Trajectory(run, target, sets, oracle_eval, target_eval, cfg, len(bench.split("forget")), resume)
+        unlearned = _unlearn(target, bench, run.file("unlearn"), cfg, resume, common, trajectory.on_eval)
         unlearned_eval = evaluated("unlearned", unlearned, oracle_eval)
+        trajectory.finish(unlearned_eval, run.file("unlearn"))
         privacy = _privacy(run, bench, {"target": target, "oracle": oracle, "unlearned": unlearned}, cfg, resume,
                            echo, shared.get("privacy"))
     except BaseException as exc:
@@ -145,7 +147,72 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
     return result
 
 
-def _unlearn(target: Path, bench: Benchmark, out: Path, cfg: PipelineConfig, resume: bool, common: dict) -> Path:
+class _Trajectory:
+    """Forget quality and model utility along the unlearning run, for the report's trade-off curve:
+    the target at step 0, a full evaluation every ``unlearn.eval_every`` optimizer steps (the loop's
+    ``on_eval``), and the unlearned model at the last step (its own evaluation, not repeated here);
+    written to ``trajectory.json`` after each point, so a resumed run keeps the points it has."""
+
+    KEYS = ("forget_quality", "model_utility", "forget_rouge", "forget_probability", "forget_truth_ratio",
+            "retain_rouge")
+
+    def __init__(self, run: RunDir, target: Path, sets, oracle_eval: dict, target_eval: dict, cfg: PipelineConfig,
+                 n_forget: int, resume: bool):
+        from obliviate.training.config import TrainConfig
+        from obliviate.training.loop import planned_steps
+
+        self.run, self.target, self.sets, self.oracle_eval, self.cfg = run, target, sets, oracle_eval, cfg
+        train = TrainConfig.from_dict({**api.UNLEARN_DEFAULTS, **cfg.unlearn})
+        self.every, self.last = train.eval_every, planned_steps(train, n_forget)
+        self.points = {row["step"]: row for row in run.read_json("trajectory.json")} \
+            if resume and run.has("trajectory.json") else {}
+        self.points[0] = self._row(0, target_eval)
+        self.fmt = None
+
+    def _row(self, step: int, result: dict) -> dict:
+        from obliviate.evaluation.evaluate import summary_row
+
+        row = summary_row(result)
+        return {"step": step, **{k: row.get(k) for k in self.KEYS}}
+
+    def _write(self) -> None:
+        if self.every:
+            self.run.write_json("trajectory.json", [self.points[s] for s in sorted(self.points)])
+
+    @property
+    def on_eval(self):
+        return self._evaluate if self.every and self.cfg.method != "unierase" else None
+
+    def _evaluate(self, model, step: int) -> None:
+        if step >= self.last:
+            return  # the unlearned model's own evaluation is this point (finish)
+        from obliviate.data.chat import ChatFormat
+        from obliviate.evaluation.evaluate import evaluate_model
+        from obliviate.models.loading import load_tokenizer
+
+        if self.fmt is None:
+            self.fmt = ChatFormat(load_tokenizer(str(self.target)), system_prompt=self.cfg.system_prompt,
+                                  max_length=self.cfg.max_length)
+        was_training = model.training
+        model.eval()
+        result = evaluate_model(model, self.fmt.tokenizer, self.sets, fmt=self.fmt, batch_size=self.cfg.eval_batch_size,
+                                max_new_tokens=self.cfg.max_new_tokens, oracle=self.oracle_eval, progress=False)
+        model.train(was_training)
+        self.points[step] = self._row(step, result)
+        self._write()
+
+    def finish(self, unlearned_eval: dict, unlearn_dir: Path) -> None:
+        stats = unlearn_dir / "train_stats.json"
+        if self.every and stats.exists():
+            from obliviate.runs import read_json
+
+            steps = int(read_json(stats)["steps"])
+            self.points[steps] = self._row(steps, unlearned_eval)
+            self._write()
+
+
+def _unlearn(target: Path, bench: Benchmark, out: Path, cfg: PipelineConfig, resume: bool, common: dict,
+             on_eval=None) -> Path:
     if cfg.method == "unierase":
         from obliviate.unierase import run_unierase
 
@@ -157,7 +224,7 @@ def _unlearn(target: Path, bench: Benchmark, out: Path, cfg: PipelineConfig, res
                             max_length=common["max_length"], overwrite=resume)
     return api.unlearn(target, bench.split("forget"), bench.split("retain"), out, method=cfg.method,
                        method_options=cfg.method_options, train=cfg.unlearn, resume=resume, wagle=cfg.wagle,
-                       guard=cfg.guard, **common)
+                       guard=cfg.guard, on_eval=on_eval, **common)
 
 
 def _privacy(run: RunDir, bench: Benchmark, models: dict[str, Path], cfg: PipelineConfig, resume: bool,

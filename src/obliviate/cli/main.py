@@ -176,7 +176,8 @@ def synth(
 
 
 DEMO_FINETUNE = {"epochs": 8, "lr": 3e-4, "batch_size": 8, "warmup_ratio": 0.1}
-DEMO_UNLEARN = {"epochs": 8, "lr": 6e-5, "batch_size": 4, "scheduler": "constant", "warmup_ratio": 0.0}
+DEMO_UNLEARN = {"epochs": 8, "lr": 6e-5, "batch_size": 4, "scheduler": "constant", "warmup_ratio": 0.0,
+                "eval_every": 4}
 
 
 @app.command()
@@ -195,6 +196,8 @@ def demo(
     finetune_lr: Annotated[float, typer.Option(help="Learning rate for target and oracle.")] = DEMO_FINETUNE["lr"],
     unlearn_epochs: Annotated[float, typer.Option(help="Unlearning epochs.")] = DEMO_UNLEARN["epochs"],
     unlearn_lr: Annotated[float, typer.Option(help="Unlearning learning rate.")] = DEMO_UNLEARN["lr"],
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N unlearning steps for the report's trade-off "
+                                                 "curve (0: only before and after).")] = DEMO_UNLEARN["eval_every"],
     batch_size: Annotated[int, typer.Option(help="Finetuning batch size.")] = DEMO_FINETUNE["batch_size"],
     max_new_tokens: Annotated[int, typer.Option(help="Greedy generation limit in evaluation.")] = 48,
     dtype: Dtype = "float32", overwrite: Overwrite = False, resume: Resume = False, no_progress: NoProgress = False,
@@ -218,7 +221,8 @@ def demo(
         pcfg = PipelineConfig(model=model, method=method, method_options=parse_method_options(method_option),
                               finetune={**DEMO_FINETUNE, "epochs": finetune_epochs, "lr": finetune_lr,
                                         "batch_size": batch_size, "seed": seed},
-                              unlearn={**DEMO_UNLEARN, "epochs": unlearn_epochs, "lr": unlearn_lr, "seed": seed},
+                              unlearn={**DEMO_UNLEARN, "epochs": unlearn_epochs, "lr": unlearn_lr, "seed": seed,
+                                       "eval_every": eval_every},
                               dtype=dtype, max_new_tokens=max_new_tokens)
         result = run_pipeline(benchmark, out, pcfg, overwrite=overwrite, resume=resume, progress=not no_progress,
                               echo=console.print)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from obliviate.data.chat import ChatFormat, Encoded, length_grouped_batches, pad_batch
+from obliviate.data.chat import ChatFormat, Encoded, length_grouped_batches, num_batches, pad_batch
 from obliviate.data.qa import QADataset
 from obliviate.data.refusal import refusal_for
 from obliviate.runs import RunDir, atomic_write_json
@@ -115,6 +115,16 @@ def _schedule(cfg: TrainConfig, total_steps: int):
     return factor
 
 
+def _total_micro(cfg: TrainConfig, per_epoch: int) -> int:
+    return cfg.max_steps * cfg.grad_accum if cfg.max_steps else max(1, round(cfg.epochs * per_epoch))
+
+
+def planned_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> int:
+    """Optimizer steps ``train`` will take on ``n_examples`` primary examples (per process)."""
+    per_epoch = num_batches(n_examples, cfg.batch_size) // world  # the batches _shard keeps per process
+    return math.ceil(_total_micro(cfg, per_epoch) / cfg.grad_accum)
+
+
 def _shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
     if world == 1:
         return batches
@@ -191,10 +201,11 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
         return _shard(length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch), rank, world)
 
     per_epoch = len(epoch_batches(0))
+    assert per_epoch == num_batches(len(lengths), cfg.batch_size) // world  # planned_steps relies on it
     if per_epoch == 0:
         raise ValueError(f"{len(forget_rows)} examples are too few for batch size {cfg.batch_size} "
                          f"on {world} processes")
-    total_micro = cfg.max_steps * cfg.grad_accum if cfg.max_steps else max(1, round(cfg.epochs * per_epoch))
+    total_micro = _total_micro(cfg, per_epoch)
     total_steps = math.ceil(total_micro / cfg.grad_accum)
 
     retain_lengths = [len(r["answer"]) for r in retain_rows] if retain_rows else []
