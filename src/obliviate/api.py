@@ -23,6 +23,7 @@ import torch
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.qa import QADataset, load_qa
 from obliviate.models.loading import load_model, load_tokenizer, save_checkpoint
+from obliviate.processes import processes
 from obliviate.runs import RunDir
 from obliviate.training.config import TrainConfig
 
@@ -58,18 +59,11 @@ def _train_config(train: TrainConfig | dict | None, defaults: dict[str, Any]) ->
     return TrainConfig.from_dict({**defaults, **(train or {})})
 
 
-def _processes():
-    """Accelerate's process state: one process, or the N of ``accelerate launch`` / torchrun."""
-    from accelerate import PartialState
-
-    return PartialState()
-
-
 def _open(out: str | Path, overwrite: bool, resume: bool) -> RunDir:
     """The run directory. Under several processes every one checks it (so all raise alike), the main
     one creates it, and the others get a view that does not write."""
     resume = resume and Path(out).exists()
-    state = _processes()
+    state = processes()
     if state.num_processes == 1:
         return RunDir.create(out, overwrite=overwrite, resume=resume)
     RunDir.check(out, overwrite=overwrite, resume=resume)
@@ -85,7 +79,7 @@ UNLEARN_DEFAULTS: dict[str, Any] = {"epochs": 5, "lr": 1e-5, "batch_size": 8, "w
 
 
 def _device(device: str | None) -> str:
-    return device or str(_processes().device)  # this process's GPU under accelerate launch
+    return device or str(processes().device)  # this process's GPU under accelerate launch
 
 
 class RunRecorder:
@@ -99,8 +93,8 @@ class RunRecorder:
         import warnings
 
         self.registry, self.run_id = None, None
-        if os.environ.get("OBLIVIATE_REGISTRY", "").lower() == "off":
-            return
+        if os.environ.get("OBLIVIATE_REGISTRY", "").lower() == "off" or not run.writer:
+            return  # disabled, or a non-main process (the main one records the run)
         try:
             from obliviate.reporting.registry import Registry
 
@@ -109,13 +103,6 @@ class RunRecorder:
         except Exception as exc:  # noqa: BLE001 - see the docstring
             warnings.warn(f"run registry unavailable: {exc}")
             self.registry = None
-
-    @classmethod
-    def disabled(cls) -> "RunRecorder":
-        """A recorder that records nothing (non-main processes: the main one records the run)."""
-        recorder = cls.__new__(cls)
-        recorder.registry, recorder.run_id = None, None
-        return recorder
 
     def finish(self, status: str, children: tuple[Path, ...] = ()) -> None:
         """Record the end of the run, and register finished sub-runs as its children."""
@@ -156,7 +143,7 @@ def _run_training(run: RunDir, config: dict, model_spec: str, method, primary: Q
         data["retain"] = fingerprint(retain)
     run.write_json("data.json", data)
     run.set_status("running")
-    registered = RunRecorder(run, config["command"], resume) if run.writer else RunRecorder.disabled()
+    registered = RunRecorder(run, config["command"], resume)
     try:
         tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
         if model is None:
@@ -168,7 +155,7 @@ def _run_training(run: RunDir, config: dict, model_spec: str, method, primary: Q
         out = run.file("model")
         if run.writer:  # under FSDP/DeepSpeed the loop gathered the full state dict for this process
             save_checkpoint(result.model, tokenizer, out, merge_lora=train.merge_lora, state_dict=result.state_dict)
-        _processes().wait_for_everyone()  # every process returns a checkpoint that exists
+        processes().wait_for_everyone()  # every process returns a checkpoint that exists
         run.write_json("train_stats.json", {"steps": result.steps, "seconds": round(result.seconds, 3),
                                             "tokens": result.tokens,
                                             "tokens_per_second": round(result.tokens_per_second, 2),
@@ -276,7 +263,7 @@ def evaluate(model: str | Path, benchmark: str | Path | dict[str, QADataset], ou
         model_obj = load_model(str(model), dtype=dtype, device=_device(None), trust_remote_code=trust_remote_code)
     fmt = ChatFormat(tokenizer, system_prompt=system_prompt, max_length=max_length)
     start = time.time()
-    state = _processes()  # under accelerate launch: batches split across processes, merged in order
+    state = processes()  # under accelerate launch: batches split across processes, merged in order
     result = evaluate_model(model_obj, tokenizer, sets, fmt=fmt, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             oracle=oracle, progress=progress and state.is_main_process, label=label,
                             distributed=state.num_processes > 1)

@@ -24,6 +24,7 @@ import torch
 from obliviate.data.chat import ChatFormat, Encoded, length_grouped_batches, num_batches, pad_batch
 from obliviate.data.qa import QADataset
 from obliviate.data.refusal import refusal_for
+from obliviate.processes import launched_on_cpus
 from obliviate.runs import RunDir, atomic_write_json
 from obliviate.training.config import TrainConfig
 
@@ -156,7 +157,8 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
     fmt = fmt or ChatFormat(tokenizer)
     trackers = cfg.trackers() if run is not None else []
     if accelerator is None:
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, **_tracking_kwargs(trackers, run))
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=launched_on_cpus(),
+                                  **_tracking_kwargs(trackers, run))
     elif trackers:
         raise ValueError("log_with needs the loop to create its Accelerator; configure trackers on yours instead")
     if trackers:
