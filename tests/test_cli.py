@@ -97,3 +97,18 @@ def test_runs_are_recorded_in_the_registry_with_model_card(tmp_path, tiny_model_
     card = (tmp_path / "ul" / "model" / "README.md").read_text()
     assert "graddiff" in card and "forget" in card.lower()
     assert "Where was" not in card  # fingerprints, never content
+
+    # an evaluation and an attack are runs too: rows keyed by their result files, children of the run
+    res = run("evaluate", "--model", tmp_path / "ul" / "model", "--benchmark", small_bench, "--label", "unlearned",
+              "--out", tmp_path / "ul", "--max-new-tokens", 4, "--no-progress")
+    assert res.exit_code == 0, res.output
+    from obliviate.attacks.run import AttackRun
+
+    AttackRun(path=tmp_path / "ul", benchmark=None, models={"unlearned": tmp_path / "ul" / "model"},
+              base_model=None).write("probe", {"summary": {"recovery": 0.5}})
+    rows = {r.kind: r for r in Registry().list_runs()}
+    assert rows["eval"].path == str((tmp_path / "ul" / "eval" / "unlearned.json").resolve())
+    assert rows["eval"].parent_id == rows["unlearn"].id and rows["eval"].status == "done"
+    assert set(rows["eval"].metrics["models"]["unlearned"]) >= {"forget_rouge", "model_utility"}
+    assert rows["attack"].method == "probe" and rows["attack"].metrics == {"recovery": 0.5}
+    assert rows["attack"].parent_id == rows["unlearn"].id

@@ -118,6 +118,22 @@ class RunRecorder:
             warnings.warn(f"run registry: could not record the end of the run: {exc}")
 
 
+def record_result(result_file: Path, kind: str, **fields: Any) -> None:
+    """Record an evaluation or attack (a result file in a run directory) in the run registry;
+    like RunRecorder, off with ``OBLIVIATE_REGISTRY=off`` and never fatal."""
+    import os
+    import warnings
+
+    if os.environ.get("OBLIVIATE_REGISTRY", "").lower() == "off":
+        return
+    try:
+        from obliviate.reporting.registry import Registry
+
+        Registry().record_result(result_file, kind, **fields)
+    except Exception as exc:  # noqa: BLE001 - a result on disk matters more than its registry row
+        warnings.warn(f"run registry: could not record {result_file}: {exc}")
+
+
 def model_sha256(spec: str) -> str | None:
     """Fingerprint of a local model directory (None for a hub id that is not downloaded)."""
     from obliviate.models.loading import resolve_model_path
@@ -269,6 +285,10 @@ def evaluate(model: str | Path, benchmark: str | Path | dict[str, QADataset], ou
                             distributed=state.num_processes > 1)
     result["seconds"] = round(time.time() - start, 3)
     if out is not None and state.is_main_process:
-        save_eval(result, Path(out) / "eval" / f"{label}.json")
+        from obliviate.evaluation.evaluate import summary_row
+
+        path = save_eval(result, Path(out) / "eval" / f"{label}.json")
+        record_result(path, "eval", model=str(model), metrics={"models": {label: summary_row(result)}},
+                      parent_dir=out)
     state.wait_for_everyone()
     return result

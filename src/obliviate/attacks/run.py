@@ -81,7 +81,13 @@ class AttackRun:
         return load_eval(path) if path.is_file() else None
 
     def write(self, name: str, result: dict) -> Path:
-        return atomic_write_json(self.path / "attacks" / f"{name}.json", result)
+        from obliviate.api import record_result
+
+        path = atomic_write_json(self.path / "attacks" / f"{name}.json", result)
+        unlearned = self.models.get("unlearned")
+        record_result(path, "attack", method=name, model=str(unlearned) if unlearned else None,
+                      metrics=result.get("summary", result), parent_dir=self.path)
+        return path
 
 
 def open_run(run_dir: str | Path, benchmark: str | Path | None = None, unlearned: str | Path | None = None,

@@ -502,6 +502,30 @@ class Registry:
 
         return self._retry(finish, write=True)
 
+    def record_result(self, result_file: str | Path, kind: str, *, metrics: dict[str, Any] | None = None,
+                      method: str | None = None, model: str | None = None, config: dict[str, Any] | None = None,
+                      parent_dir: str | Path | None = None) -> str:
+        """Record a finished run that writes one result file into another run's directory (an
+        evaluation's ``eval/<label>.json``, an attack's ``attacks/<name>.json``): one row keyed by
+        that file, a child of the registered run at ``parent_dir`` when there is one."""
+        path = Path(result_file).resolve()
+        now = time.time()
+
+        def record(conn: sqlite3.Connection) -> str:
+            parent = None
+            if parent_dir is not None:
+                row = conn.execute("SELECT id FROM runs WHERE path = ?", (str(Path(parent_dir).resolve()),)).fetchone()
+                parent = row["id"] if row is not None else None
+            old = conn.execute("SELECT id FROM runs WHERE path = ?", (str(path),)).fetchone()
+            rec = RunRecord(id=old["id"] if old is not None else _new_id(), path=str(path), status="done", kind=kind,
+                            method=method, model=model, config=config,
+                            config_hash=config_hash(config) if config else None, metrics=metrics, started=now,
+                            finished=now, parent_id=parent, pid=os.getpid(), host=socket.gethostname())
+            self._upsert(conn, rec)
+            return rec.id
+
+        return self._retry(record, write=True)
+
     def add_run(self, run_dir: str | Path, parent_id: str | None = None) -> str:
         """Register a run that already ended (and a demo's sub-runs, as its children); idempotent."""
         path = Path(run_dir).resolve()
