@@ -187,7 +187,6 @@ def test_forget_quality_with_oracle(tiny, result):
 
 def test_bad_sets_raise_located_errors(tiny):
     model, tok = tiny
-    sets = make_sets()
     no_pert = QADataset([qa("Q1?", "A1", row=7)], "ra.jsonl")
     with pytest.raises(DataError, match=r"ra\.jsonl, line 7: .*real_authors.*perturbed_answer"):
         ev.evaluate_model(model, tok, {"real_authors": no_pert}, progress=False)

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from obliviate.data.chat import ChatFormat, pad_batch
 from obliviate.data.refusal import refusal_for

@@ -16,13 +16,12 @@ report, registry and audit commands work on it. Finished cells are skipped on re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from obliviate import api
 from obliviate.data.benchmark import load_benchmark
 from obliviate.models.loading import DEFAULT_MODEL
 from obliviate.pipeline import PipelineConfig, run_pipeline
