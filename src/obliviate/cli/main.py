@@ -70,7 +70,8 @@ def unlearn(
     forget: Annotated[str, typer.Option(help="Forget data: QA rows (file, DIR:split or HUB_ID:split) or a "
                                              "plain-text corpus (.txt, .jsonl with 'text', a folder of .txt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
-    retain: Annotated[Optional[str], typer.Option(help="Retain data for the retain regulariser (QA rows or plain text, as --forget).")] = None,
+    retain: Annotated[Optional[str], typer.Option(
+        help="Retain data for the retain regulariser (QA rows or plain text, as --forget).")] = None,
     method: Annotated[str, typer.Option(help="Unlearning method; `obliviate methods` lists them.")] = "npo",
     method_option: Annotated[Optional[list[str]], typer.Option(
         "--method-option", "-m", help="Method hyper-parameter key=value, repeatable (e.g. -m beta=0.1 "
