@@ -306,25 +306,14 @@ def compute_wagle_mask(model, fmt: ChatFormat, method, forget: QADataset, retain
 def save_mask(path: str | Path, mask: WagleMask, extra: dict[str, str] | None = None) -> Path:
     """Write the masks (bool tensors keyed by parameter name) as safetensors, atomically; the
     metadata (strings) holds the format tag, rho, gamma, scope, the other options and the report as JSON."""
-    import os
-    import tempfile
+    from safetensors.torch import save
 
-    from safetensors.torch import save_file
+    from obliviate.runs import atomic_write_bytes
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": MASK_FORMAT, **{k: str(v) for k, v in asdict(mask.config).items()},
             "report": json.dumps(mask.report), **(extra or {})}
     tensors = {n: m.to(torch.bool).contiguous().cpu() for n, m in mask.masks.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def load_mask(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -29,7 +29,7 @@ from obliviate.reporting.registry import (
     read_json_file,
     run_identity,
 )
-from obliviate.runs import atomic_write_text
+from obliviate.runs import atomic_write_bytes, atomic_write_text
 
 LABEL_ORDER = ("target", "oracle", "unlearned")
 HEADLINE = ("forget_quality", "model_utility")
@@ -411,7 +411,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, examples: 
 
     def save(fig: ReportFigure, prefix: str) -> str:
         path = out_dir / "figures" / f"{prefix}-{fig.name}.png"
-        path.write_bytes(fig.png)
+        atomic_write_bytes(path, fig.png)
         figure_files.append(path)
         return f"figures/{path.name}"
 

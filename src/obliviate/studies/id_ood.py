@@ -50,7 +50,7 @@ from obliviate.data.benchmark import Benchmark, load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.qa import QADataset
 from obliviate.models.loading import DEFAULT_MODEL
-from obliviate.runs import RunDir, atomic_write_text
+from obliviate.runs import RunDir, atomic_write_bytes, atomic_write_text
 
 SETS = ("id_forget", "ood_forget")
 METHODS = ("ga", "graddiff")
@@ -442,22 +442,6 @@ def run_id_ood(bench: Benchmark | str | Path, out: str | Path, cfg: IdOodConfig 
     from obliviate.reporting.plots import png_bytes
 
     for name, fig in _figures(examples, curves, cfg).items():
-        _atomic_write_bytes(run.file(name), png_bytes(fig))
+        atomic_write_bytes(run.file(name), png_bytes(fig))
     run.set_status("done")
     return result
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
