@@ -89,16 +89,15 @@ class RunRecorder:
     not cost anyone a finished training run."""
 
     def __init__(self, run: RunDir, kind: str, resume: bool, parent_id: str | None = None):
-        import os
         import warnings
 
         self.registry, self.run_id = None, None
-        if os.environ.get("OBLIVIATE_REGISTRY", "").lower() == "off" or not run.writer:
-            return  # disabled, or a non-main process (the main one records the run)
+        if not run.writer:
+            return  # a non-main process: the main one records the run
+        self.registry = _registry()
+        if self.registry is None:
+            return
         try:
-            from obliviate.reporting.registry import Registry
-
-            self.registry = Registry()
             self.run_id = self.registry.record_start(run.path, kind=kind, parent_id=parent_id, resume=resume)
         except Exception as exc:  # noqa: BLE001 - see the docstring
             warnings.warn(f"run registry unavailable: {exc}")
@@ -118,18 +117,32 @@ class RunRecorder:
             warnings.warn(f"run registry: could not record the end of the run: {exc}")
 
 
-def record_result(result_file: Path, kind: str, **fields: Any) -> None:
-    """Record an evaluation or attack (a result file in a run directory) in the run registry;
-    like RunRecorder, off with ``OBLIVIATE_REGISTRY=off`` and never fatal."""
+def _registry():
+    """The run registry, or None when ``OBLIVIATE_REGISTRY=off`` or it cannot be opened (warned)."""
     import os
     import warnings
 
     if os.environ.get("OBLIVIATE_REGISTRY", "").lower() == "off":
-        return
+        return None
     try:
         from obliviate.reporting.registry import Registry
 
-        Registry().record_result(result_file, kind, **fields)
+        return Registry()
+    except Exception as exc:  # noqa: BLE001 - a registry problem must not cost a finished run
+        warnings.warn(f"run registry unavailable: {exc}")
+        return None
+
+
+def record_result(result_file: Path, kind: str, **fields: Any) -> None:
+    """Record an evaluation or attack (a result file in a run directory) in the run registry;
+    like RunRecorder, off with ``OBLIVIATE_REGISTRY=off`` and never fatal."""
+    import warnings
+
+    registry = _registry()
+    if registry is None:
+        return
+    try:
+        registry.record_result(result_file, kind, **fields)
     except Exception as exc:  # noqa: BLE001 - a result on disk matters more than its registry row
         warnings.warn(f"run registry: could not record {result_file}: {exc}")
 

@@ -158,11 +158,10 @@ class _Trajectory:
 
     def __init__(self, run: RunDir, target: Path, sets, oracle_eval: dict, target_eval: dict, cfg: PipelineConfig,
                  n_forget: int, resume: bool):
-        from obliviate.training.config import TrainConfig
         from obliviate.training.loop import planned_steps
 
         self.run, self.target, self.sets, self.oracle_eval, self.cfg = run, target, sets, oracle_eval, cfg
-        train = TrainConfig.from_dict({**api.UNLEARN_DEFAULTS, **cfg.unlearn})
+        train = api._train_config(cfg.unlearn, api.UNLEARN_DEFAULTS)  # what api.unlearn will train with
         self.every, self.last = train.eval_every, planned_steps(train, n_forget)
         self.points = {row["step"]: row for row in run.read_json("trajectory.json")} \
             if resume and run.has("trajectory.json") else {}

@@ -189,8 +189,6 @@ class RunDir:
         atomic_write_text(self.file(name), "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
 
     def set_status(self, status: str, **extra: Any) -> None:
-        if not self.writer:
-            return
         self.write_json("status.json", {"status": status, "time": time.time(), **extra})
 
     def status(self) -> str | None:

@@ -89,7 +89,6 @@ class ChatFormat:
             raise ValueError(f"prompt + answer is {len(ids)} tokens, longer than max_length {self.max_length}")
         return Encoded(ids, [IGNORE] * len(prompt) + tail, len(prompt), len(ans))
 
-
     def _encode_document(self, text: str) -> Encoded:
         ids = self.answer_ids(text)
         bos = self.tokenizer.bos_token_id

@@ -243,9 +243,7 @@ def train(model, tokenizer, method, primary: QADataset, cfg: TrainConfig, *, ret
     decay = [p for n, p in trainable if n not in masks and p.ndim >= 2]
     no_decay = [p for n, p in trainable if n not in masks and p.ndim < 2] + [p for n, p in trainable if n in masks]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    from accelerate.utils import DistributedType
-
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    sharded = _sharded(accelerator)
     optimizer = _optimizer(cfg, groups, sharded)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
     _check_sharded_setup(accelerator, cfg, masks)
@@ -379,18 +377,25 @@ def _tracking_kwargs(trackers: list[str], run: RunDir | None) -> dict:
     return {"log_with": trackers, "project_dir": str(root)}
 
 
+def _sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed: the engine owns the parameters, and no process holds whole ones."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def _check_sharded_setup(accelerator, cfg: TrainConfig, masks: dict) -> None:
     """What FSDP / DeepSpeed need before ``prepare``, and what the loop cannot do under them."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    if cfg.lora and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if cfg.lora and _sharded(accelerator):
         raise ValueError(f"LoRA is not supported with {kind.value}: adapters are small enough for DDP "
                          "(use the DDP config)")
-    if cfg.eval_every and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if cfg.eval_every and _sharded(accelerator):
         raise ValueError(f"eval_every is not supported with {kind.value}: evaluation during training needs the "
                          "whole model on each process (evaluate the saved checkpoints instead)")
-    if masks and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if masks and _sharded(accelerator):
         raise ValueError(f"weight masks need whole parameters; they are not supported with {kind.value} "
                          "(use DDP, or one process)")
     if kind == DistributedType.DEEPSPEED:
