@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from obliviate.data.batches import collate, encode_views, to_device
 from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import QADataset
 from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model
@@ -48,7 +49,7 @@ from obliviate.methods import StepInputs, build_method, reference_logps
 from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.runs import atomic_write_json, environment
 from obliviate.training.config import TrainConfig
-from obliviate.training.loop import collate, encode_views, to_device, train
+from obliviate.training.loop import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -21,7 +21,7 @@ from obliviate.reporting.audit import (
     write_record,
 )
 from obliviate.reporting.model_card import model_card_info, write_model_card
-from obliviate.reporting.registry import canonical_json, model_fingerprint
+from obliviate.runs.fingerprint import canonical_json, model_fingerprint
 from test_registry import _reference_dir_hash, make_demo_run, make_unlearn_run
 
 
@@ -232,12 +232,14 @@ def test_verify_rehashes_models_and_data(written, tmp_path):
     assert verify(path, rehash=False) == []
 
 
-def test_verify_reports_a_file_that_is_not_a_record(tmp_path):
+def test_verify_refuses_a_file_that_is_not_a_record(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text("{not json")
-    assert "not valid JSON" in verify(bad)[0]
+    with pytest.raises(AuditError, match="not valid JSON"):
+        verify(bad)
     bad.write_text("[]")
-    assert "not an audit record" in verify(bad)[0]
+    with pytest.raises(AuditError, match="not an audit record"):
+        verify(bad)
 
 
 def test_html_page_is_escaped(written):
@@ -290,7 +292,7 @@ def test_certify_and_verify_cli(tmp_path):
     res = runner.invoke(app, ["certify", str(run), "--max-relearn-recovery", str(f["recovery"] / 2), "--strict",
                               "--out", str(tmp_path / "strict.json")])
     assert res.exit_code == 1 and "verdict: fail" in res.output
-    assert runner.invoke(app, ["certify", str(run), "--mia-auc-min", "0.4"]).exit_code == 1
+    assert runner.invoke(app, ["certify", str(run), "--mia-auc-min", "0.4"]).exit_code == 2  # a user error
 
     res = runner.invoke(app, ["verify", str(out)])
     assert res.exit_code == 0 and "OK" in res.output

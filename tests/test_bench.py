@@ -26,7 +26,7 @@ def test_config_validation(tmp_path):
     assert [m.label for m in cfg.methods] == ["ga", "npo-beta0.2"]
 
 
-def test_leaderboard_ranks_by_forget_quality_then_utility():
+def test_leaderboard_ranks_by_pareto_front_then_forget_quality():
     cells = [{"method": "a", "forget_quality": 0.1, "model_utility": 0.5, "forget_rouge": 0.2, "forgotten": True,
               "utility_kept": True},
              {"method": "b", "forget_quality": 0.1, "model_utility": 0.6, "forget_rouge": 0.3, "forgotten": True,

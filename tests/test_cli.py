@@ -82,7 +82,7 @@ def test_demo_pipeline_end_to_end_resume_and_no_overwrite(tmp_path, tiny_model_d
 
 
 def test_runs_are_recorded_in_the_registry_with_model_card(tmp_path, tiny_model_dir, small_bench):
-    from obliviate.reporting.registry import Registry
+    from obliviate.runs.registry import Registry
 
     res = run("finetune", f"{small_bench}:forget", "--out", tmp_path / "ft", "--model", tiny_model_dir,
               "--epochs", 1, "--no-progress")

@@ -86,10 +86,7 @@ class _BypassDDP:
 def _run_dir(acc, path: Path):
     from obliviate.runs import RunDir
 
-    if acc.is_main_process:
-        RunDir.create(path)
-    acc.wait_for_everyone()
-    return RunDir(path)
+    return RunDir.open(path, kind="train")  # on every process: the main one writes
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -263,7 +260,7 @@ def test_unlearn_and_evaluate_commands_under_two_processes(tmp_path, tiny_model_
     """``obliviate unlearn`` / ``evaluate`` launched on 2 processes: one run directory written once,
     one checkpoint, one registry entry, and the evaluation of every example."""
     from obliviate.data.benchmark import load_benchmark
-    from obliviate.reporting.registry import Registry
+    from obliviate.runs.registry import Registry
 
     torchrun = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
                 "127.0.0.1", "--master_port", str(_free_port()), "-m", "obliviate.cli.main"]

@@ -258,3 +258,80 @@ def test_summary_row(result):
     assert row["holdout_truth_ratio"] is None
     assert row["model_utility"] == result["model_utility"]
     assert len(row) == 5 * 3 + 2
+
+
+# ------------------------------------------------------------------------------------------- typed results, scores
+
+def test_typed_result_round_trips_eval_json_exactly(result, tmp_path):
+    from obliviate.evaluation.results import EvalFormatError, EvalResult
+
+    typed = EvalResult.from_json(result)
+    assert typed.to_json() == result
+    assert json.dumps(typed.to_json()) == json.dumps(result)  # key order too: the file's bytes are the same
+    assert typed.sets["forget"].per_sample.truth_ratio_raw == result["sets"]["forget"]["per_sample"]["truth_ratio_raw"]
+    path = ev.save_eval(typed, tmp_path / "typed.json")
+    assert path.read_bytes() == ev.save_eval(result, tmp_path / "plain.json").read_bytes()
+    assert ev.read_eval(path) == typed
+    # keys beyond the documented ones survive a read and a write
+    extended = json.loads(json.dumps(result))
+    extended["note"] = "kept"
+    extended["sets"]["forget"]["per_sample"]["extra_metric"] = [1, 2, 3]
+    assert EvalResult.from_json(extended).to_json() == extended
+    broken = json.loads(json.dumps(result))
+    del broken["sets"]["retain"]["per_sample"]["nll"]
+    with pytest.raises(EvalFormatError, match=r"set 'retain', per_sample has no 'nll'"):
+        EvalResult.from_json(broken, "x.json")
+
+
+def test_evaluation_keeps_every_score_and_answer(tiny, result):
+    model, tok = tiny
+    sets = make_sets()
+    evaluation = ev.evaluate_with_scores(model, tok, sets, batch_size=4, max_new_tokens=MAX_NEW, progress=False,
+                                         label="tiny")
+    got = evaluation.result.to_json()
+    assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+    scores = evaluation.scores
+    fmt = ChatFormat(tok)
+    for name, ds in sets.items():
+        own = scores.get([(e.question, e.answer) for e in ds])
+        assert [s.nll for s in own] == result["sets"][name]["per_sample"]["nll"]
+        assert [scores.generations[e.question] for e in ds] == result["sets"][name]["per_sample"]["generation"]
+    assert scores.scored == len(scores)  # each pair scored once
+    ref = score_pairs(model, fmt, [("Who is Eve?", "A pilot.")])[0]
+    np.testing.assert_allclose(scores.get([("Who is Eve?", "A pilot.")])[0].logprobs, ref.logprobs, rtol=1e-5)
+
+
+def test_extra_pairs_are_scored_after_and_change_nothing(tiny, result, monkeypatch):
+    model, tok = tiny
+    calls = []
+    real = ev.score_pairs
+
+    def counting(model, fmt, pairs, **kw):
+        calls.append(list(pairs))
+        return real(model, fmt, pairs, **kw)
+
+    monkeypatch.setattr(ev, "score_pairs", counting)
+    new = [("Who is Eve?", "A doctor."), ("Where was Ana born?", "In Lisbon.")]  # the second is a set pair already
+    evaluation = ev.evaluate_with_scores(model, tok, make_sets(), batch_size=4, max_new_tokens=MAX_NEW,
+                                         progress=False, label="tiny", extra_pairs=new)
+    assert len(calls) == 2 and calls[1] == [new[0]]  # only the missing pair, in a call of its own
+    got = evaluation.result.to_json()
+    assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+    assert new[0] in evaluation.scores and evaluation.scores.scored == len(evaluation.scores)
+
+
+def test_model_scores_score_only_what_is_missing(tiny):
+    from obliviate.evaluation.scores import MissingScores, ModelScores
+
+    model, tok = tiny
+    fmt = ChatFormat(tok)
+    scores = ModelScores.empty(fmt, "tiny")
+    pairs = [("Q1?", "A1"), ("Q2?", "A2")]
+    first = scores.ensure(model, fmt, pairs, batch_size=2)
+    assert scores.scored == 2
+    again = scores.ensure(model, fmt, [pairs[1], ("Q3?", "A3"), pairs[1]], batch_size=2)
+    assert scores.scored == 3 and again[0] is first[1] and again[2] is first[1]
+    with pytest.raises(MissingScores, match="1 pair.*'Q4\\?'"):
+        scores.get([("Q4?", "A4")])
+    with pytest.raises(ValueError, match="prompt layout"):
+        scores.ensure(model, ChatFormat(tok, system_prompt="Be brief."), [("Q4?", "A4")])

@@ -4,6 +4,7 @@ method must do to a tiny model in a few optimiser steps."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -11,8 +12,12 @@ import torch
 
 from obliviate.data.chat import ChatFormat, pad_batch
 from obliviate.data.refusal import refusal_for
-from obliviate.methods import (FORGET, PRESETS, Composite, Method, StepInputs, build_method, kl_on_labels,
-                               list_methods, per_sample_nll, reference_logps, sequence_logps)
+from obliviate.data.batches import collate, encode_views
+from obliviate.data.qa import QADataset, QAExample
+from obliviate.methods import (FORGET, PRESETS, PROCEDURES, Composite, Method, Procedure, StepInputs, build_method,
+                               kl_on_labels, list_methods, method_options, per_sample_nll, reference_logps,
+                               reference_logps_for_rows, sequence_logps)
+from obliviate.methods.unierase import UniErase, UniEraseOptions
 from obliviate.methods.common import hidden_states_at
 from obliviate.methods.ga import GradientAscent
 from obliviate.methods.npo import NPO
@@ -179,6 +184,28 @@ def test_reference_logps_are_cpu_float_sequence_logps(tiny):
         torch.testing.assert_close(values.double(), slow_logps(model, batch[name])[0], atol=1e-3, rtol=1e-5)
     with pytest.raises(ValueError, match="not a view"):
         reference_logps(model, {"index": batch["index"]})
+
+
+def test_reference_logps_for_rows_are_reference_logps_of_each_chunk(tiny):
+    """The loop's one-off precompute over the whole set is reference_logps chunk by chunk, in row
+    order, in eval mode, and leaves the model's mode as it was."""
+    model, fmt = tiny
+    ds = QADataset([QAExample(q, a) for q, a in FORGET_QA + RETAIN_QA], "rows")
+    rows = encode_views(fmt, ds, ("answer", "idk"))
+    pad = fmt.tokenizer.pad_token_id
+    model.train()
+    got = reference_logps_for_rows(model, rows, pad, batch_size=4)
+    assert model.training
+    model.eval()
+    for start in (0, 4):
+        idx = list(range(start, min(start + 4, len(rows))))
+        batch = collate([rows[i] for i in idx], idx, pad)
+        want = reference_logps(model, {v: batch[v] for v in ("answer", "idk")})
+        for v in ("answer", "idk"):
+            assert torch.equal(got[v][idx], want[v])
+    whole = reference_logps_for_rows(model, rows, pad, batch_size=1)  # other padding: the same values
+    for v in ("answer", "idk"):
+        torch.testing.assert_close(whole[v], got[v], atol=1e-4, rtol=1e-5)
 
 
 def test_row_without_label_tokens_is_an_error(tiny):
@@ -563,12 +590,38 @@ def test_composite_weights_scale_the_parts(tiny):
 
 # ---------------------------------------------------------------- building by name
 
-def test_list_methods_names_every_preset_and_custom():
+def test_list_methods_names_every_preset_custom_and_procedure():
     names = list_methods()
-    assert set(names) == set(PRESETS) | {"custom"}
+    assert set(names) == set(PRESETS) | {"custom"} | set(PROCEDURES)
+    assert "unierase" in names and "2505.15674" in names["unierase"]
     assert all(isinstance(d, str) and d for d in names.values())
     for part in FORGET:
         assert part in names["custom"]
+
+
+@pytest.mark.parametrize("name", [n for n in list_methods() if n != "custom"])
+def test_every_method_is_a_method_or_a_procedure_with_its_listed_options(name):
+    """Built with the options ``method_options`` lists (``obliviate methods`` prints them), every
+    named method is exactly one of the two protocols, with every attribute its caller reads."""
+    options = method_options(name)
+    built = build_method(name, **options)
+    assert isinstance(built, Method) != isinstance(built, Procedure)
+    assert built.name == name
+    if isinstance(built, Method):
+        assert isinstance(built.views, tuple) and built.views
+        assert {type(built.needs_ref_model), type(built.needs_ref_logps), type(built.uses_retain)} == {bool}
+        assert callable(built.trainable) and callable(built.bind)
+    else:
+        assert callable(built.apply)
+    assert method_options("custom") is None
+
+
+def test_unierase_is_registered_with_its_options():
+    assert method_options("npo") == {"forget_weight": 1.0, "retain_weight": 1.0, "beta": 0.1}
+    assert method_options("unierase") == dataclasses.asdict(UniEraseOptions())
+    m = build_method("unierase", layers=[1], token_steps=3)
+    assert isinstance(m, UniErase) and isinstance(m, Procedure) and not isinstance(m, Method)
+    assert (m.options.layers, m.options.token_steps) == ([1], 3)
 
 
 def test_custom_builds_any_pair():
@@ -596,6 +649,8 @@ def test_custom_builds_any_pair():
     ("rmu", {"layer": 2.5}, "layer must be a non-negative integer"),
     ("rmu", {"tokens": "some"}, "tokens must be one of"),
     ("rmu", {"steering_coeff": 0}, "steering_coeff must be a finite number > 0"),
+    ("unierase", {"bogus": 1}, "method 'unierase' does not take bogus; valid options: token, token_init"),
+    ("unierase", {"l2": 0}, "l2 must be > 0"),
 ])
 def test_build_method_errors(name, hparams, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

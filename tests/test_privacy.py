@@ -18,7 +18,7 @@ from obliviate.data.benchmark import load_benchmark
 from obliviate.data.chat import ChatFormat
 from obliviate.evaluation.evaluate import load_eval, summary_row
 from obliviate.evaluation.exposure import exposure_for_examples
-from obliviate.evaluation.privacy import privacy_eval, privacy_row, privacy_rows, privleak_vs
+from obliviate.evaluation.privacy import privacy_eval, privacy_of_models, privacy_row, privacy_rows, privleak_vs
 from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.models.tiny import build_tiny_model
 from obliviate.pipeline import PipelineConfig, run_pipeline
@@ -97,6 +97,83 @@ def test_privleak_and_rows_by_hand():
     assert privleak_vs(u, {**o, "auc": {"min_k": 1.0}}) is None  # undefined: oracle AUC 1
     with pytest.raises(ValueError, match="one k"):
         privleak_vs(u, {**o, "k": 0.2})
+
+
+# ------------------------------------------------------------------------------------------- scores once per model
+
+@pytest.fixture
+def count_forward(monkeypatch):
+    """Rows through the model's scoring forward pass, and the models loaded, while a test runs."""
+    import obliviate.evaluation.logprobs as logprobs
+    import obliviate.evaluation.privacy as privacy
+
+    seen = {"rows": 0, "loaded": []}
+    real_views, real_load = logprobs.score_views, privacy.load_model
+
+    def views(model, batch):
+        seen["rows"] += batch["input_ids"].shape[0]
+        return real_views(model, batch)
+
+    def load(spec, **kw):
+        seen["loaded"].append(str(spec))
+        return real_load(spec, **kw)
+
+    monkeypatch.setattr(logprobs, "score_views", views)
+    monkeypatch.setattr(privacy, "load_model", load)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def three_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("three")
+    return {label: build_tiny_model(root / label, seed=10 + i) for i, label in enumerate(("target", "oracle", "unlearned"))}
+
+
+def test_privacy_of_models_scores_the_reference_once(tiny, three_models, tiny_model_dir, count_forward):
+    bench = tiny["bench"]
+    forget, holdout = bench.split("forget"), bench.split("holdout")
+    n = len(forget) + len(holdout)
+    out = privacy_of_models(three_models, forget, holdout, reference=tiny_model_dir, device="cpu")
+    # Each model's forget and holdout answers, and the reference's once (it was once per model: 6n).
+    assert count_forward["rows"] == 4 * n
+    ref = load_model(str(tiny_model_dir))
+    for label, path in three_models.items():
+        tok = load_tokenizer(str(path))
+        alone = privacy_eval(load_model(str(path)), tok, forget, holdout, ChatFormat(tok), ref_model=ref)
+        assert json.dumps(out[label]) == json.dumps(alone)  # number for number
+
+
+def test_privacy_from_evaluation_scores_runs_no_evaluated_model(tiny, three_models, tiny_model_dir, count_forward):
+    from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_with_scores
+    from obliviate.evaluation.privacy import privacy_pairs
+
+    bench = tiny["bench"]
+    forget, holdout = bench.split("forget"), bench.split("holdout")
+    scores = {}
+    for label, path in three_models.items():
+        tok = load_tokenizer(str(path))
+        scores[label] = evaluate_with_scores(load_model(str(path)), tok, eval_sets_from_benchmark(bench),
+                                             ChatFormat(tok), max_new_tokens=2, progress=False, label=label,
+                                             extra_pairs=privacy_pairs(forget, holdout)).scores
+    before = count_forward["rows"]
+    reused = privacy_of_models(three_models, forget, holdout, reference=tiny_model_dir, device="cpu", scores=scores)
+    assert count_forward["rows"] - before == len(forget) + len(holdout)  # the reference model only
+    assert count_forward["loaded"] == [str(tiny_model_dir)]
+    fresh = privacy_of_models(three_models, forget, holdout, reference=tiny_model_dir, device="cpu")
+    for label in three_models:
+        # The scores came from the evaluation's batches, not from batches of the forget set alone: the
+        # same up to float32 rounding, and the rank- and argmax-based numbers exactly the same.
+        for key in ("auc", "forget_em", "forget_es", "holdout_em", "holdout_es", "k", "n_forget", "n_holdout"):
+            assert reused[label][key] == fresh[label][key], (label, key)
+        for side in ("forget", "holdout"):
+            for attack, values in fresh[label]["per_sample"]["mia"][side].items():
+                assert reused[label]["per_sample"]["mia"][side][attack] == pytest.approx(values, rel=1e-5, abs=1e-6)
+    # Scores that lack a pair make the model run, for the missing pairs only.
+    partial = {"target": scores["target"]}
+    partial["target"].pairs.pop((forget[0].question, forget[0].answer))
+    before = count_forward["rows"]
+    privacy_of_models({"target": three_models["target"]}, forget, holdout, device="cpu", scores=partial)
+    assert count_forward["rows"] - before == 1
 
 
 # ------------------------------------------------------------------------------------------- a finished run

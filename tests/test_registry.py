@@ -21,15 +21,11 @@ import pytest
 import yaml
 from scipy.stats import hmean, ks_2samp
 
-from obliviate.reporting.registry import (
-    Registry,
-    config_hash,
-    default_registry_path,
-    model_fingerprint,
-    rank_rows,
-    LeaderboardRow,
-    sha256_path,
-)
+from obliviate.reporting.registry import LeaderboardRow, leaderboard, rank_rows
+
+from obliviate.runs.fingerprint import config_hash, model_fingerprint, sha256_path
+
+from obliviate.runs.registry import Registry, default_registry_path
 
 # ---------------------------------------------------------------------------------------------
 # Fake run directories (schema-correct, made-up numbers)
@@ -61,8 +57,8 @@ def write_model(path: Path, seed: int = 0) -> Path:
 
 def write_data(root: Path) -> dict:
     """Forget and retain QA files and their data.json manifest, fingerprinted as the pipeline does."""
-    from obliviate.api import fingerprint
     from obliviate.data.qa import load_qa
+    from obliviate.runs.fingerprint import dataset_fingerprint
 
     manifest = {}
     for role, n in (("forget", 6), ("retain", 10)):
@@ -70,7 +66,7 @@ def write_data(root: Path) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = [{"question": f"SECRET-{role}-question {i}?", "answer": f"SECRET-{role}-answer {i}."} for i in range(n)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        manifest[role] = fingerprint(load_qa(path))
+        manifest[role] = dataset_fingerprint(load_qa(path))
     return manifest
 
 
@@ -382,19 +378,19 @@ def test_leaderboard_best_run_per_method_and_benchmark_filter(tmp_path):
         reg.add_run(run)
     muse = make_unlearn_run(tmp_path / "muse", method="rmu", seed=9, benchmark="muse", optional=False)
     reg.add_run(muse)
-    board = reg.leaderboard("tofu")
+    board = leaderboard(reg, "tofu")
     # npo's best run: seed 0 and seed 1 are both on npo's own front; seed 0 has the higher fq.
     assert [(r.method, r.forget_quality, r.front) for r in board] == [
         ("npo", 0.2, 1), ("graddiff", 1e-5, 1), ("ga", 1e-9, 2)]
     assert board[0].oracle_model_utility is not None
-    assert len(reg.leaderboard("tofu", best_per_method=False)) == 4
-    assert [r.method for r in reg.leaderboard("muse")] == ["rmu"]
+    assert len(leaderboard(reg, "tofu", best_per_method=False)) == 4
+    assert [r.method for r in leaderboard(reg, "muse")] == ["rmu"]
 
 
 def test_leaderboard_counts_a_demo_once(tmp_path):
     reg = Registry(tmp_path / "runs.db")
     reg.add_run(make_demo_run(tmp_path / "d"))
-    board = reg.leaderboard(best_per_method=False)
+    board = leaderboard(reg, best_per_method=False)
     assert len(board) == 1 and Path(board[0].path).name == "demo"
 
 

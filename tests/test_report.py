@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from obliviate.reporting import plots
-from obliviate.reporting.registry import RunFileError
+from obliviate.runs.registry import RunFileError
 from obliviate.reporting.report import load_run, metric_side, write_report
 from test_registry import fake_eval, make_demo_run, make_unlearn_run, questions
 
@@ -232,7 +232,7 @@ def test_report_cli(tmp_path):
     assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "report.md").exists()
     (run / "metrics.json").write_text("[1, 2]")
     res = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "out2")])
-    assert res.exit_code == 1 and "metrics.json" in res.output
+    assert res.exit_code == 2 and "metrics.json" in res.output  # a user error: one line, exit code 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,12 +10,17 @@ from obliviate.evaluation.sacrifice import knowledge, metric_drops, sacrifice_ra
 
 
 def _eval(forget: dict, retain: dict) -> dict:
+    # A complete eval.json layout (evaluate.save_eval); sacrifice rates read only the per-sample values,
+    # so the aggregates are placeholders that must not be read.
     def one(values):
-        return {"n": len(values["probability"]),
+        n = len(values["probability"])
+        return {"n": n, "probability": -1.0, "rouge": -1.0, "truth_ratio": -1.0,
                 "per_sample": {"probability": values["probability"], "rouge": values["rouge"],
-                               "truth_ratio_raw": values.get("truth_ratio_raw"), "nll": [0.0] * len(values["rouge"])}}
+                               "truth_ratio_raw": values.get("truth_ratio_raw"), "nll": [0.0] * n,
+                               "generation": [""] * n, "question": [""] * n}}
 
-    return {"model": "m", "sets": {"forget": one(forget), "retain": one(retain)}}
+    return {"model": "m", "sets": {"forget": one(forget), "retain": one(retain)}, "forget_quality": None,
+            "model_utility": None, "seconds": 0.0}
 
 
 TARGET = _eval(forget={"probability": [0.8, 0.6], "rouge": [1.0, 0.8], "truth_ratio_raw": [0.2, 0.4]},

@@ -9,11 +9,14 @@ import torch
 
 from obliviate.data.benchmark import load_benchmark
 from obliviate.data.chat import ChatFormat
+from obliviate.errors import UserError
 from obliviate.evaluation.logprobs import score_pairs
-from obliviate.methods import build_method
+from obliviate.methods import Composite, build_method
+from obliviate.methods.nll import NLL
 from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.runs import RunDir
 from obliviate.training.config import TrainConfig
+from obliviate.training.divergence import TrainingDiverged
 from obliviate.training.loop import train
 
 
@@ -31,7 +34,7 @@ def test_finetune_lowers_loss_and_logs(parts, tmp_path):
     model, tok, bench = parts
     data = bench.split("train")
     before = mean_nll(model, tok, data)
-    run = RunDir.create(tmp_path / "run")
+    run = RunDir.open(tmp_path / "run", kind="train")
     res = train(model, tok, build_method("sft"), data, TrainConfig(epochs=3, lr=3e-3, batch_size=4), run=run,
                 progress=False)
     assert mean_nll(res.model, tok, data) < before - 0.5
@@ -91,7 +94,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_model_dir, small_benc
     data = bench.split("train")
 
     full = train(load_model(str(tiny_model_dir)), tok, build_method("sft"), data, cfg,
-                 run=RunDir.create(tmp_path / "a"), progress=False).model
+                 run=RunDir.open(tmp_path / "a", kind="train"), progress=False).model
 
     class Interrupt(Exception):
         pass
@@ -100,7 +103,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_model_dir, small_benc
         if step == 3:
             raise Interrupt
 
-    run_b = RunDir.create(tmp_path / "b")
+    run_b = RunDir.open(tmp_path / "b", kind="train")
     with pytest.raises(Interrupt):
         train(load_model(str(tiny_model_dir)), tok, build_method("sft"), data,
               TrainConfig(**{**cfg.to_dict(), "eval_every": 3}), run=run_b, on_eval=stop_at, progress=False)
@@ -136,7 +139,7 @@ def test_steps_reach_tensorboard_and_mlflow(parts, tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     model, tok, bench = parts
-    run = RunDir.create(tmp_path / "run")
+    run = RunDir.open(tmp_path / "run", kind="train")
     train(model, tok, build_method("sft"), bench.split("train"),
           TrainConfig(max_steps=3, lr=1e-3, batch_size=4, log_with="tensorboard, mlflow"), run=run, progress=False,
           description="finetune")
@@ -185,3 +188,47 @@ def test_eight_bit_adamw_trains_with_8_bit_states(parts, monkeypatch):
     with pytest.raises(ValueError, match="paged_adamw8bit .* needs CUDA"):
         train(model, tok, build_method("sft"), data, TrainConfig(max_steps=1, optimizer="paged_adamw8bit"),
               progress=False)
+
+
+def test_a_diverging_loss_stops_training_naming_the_step(parts):
+    """lr=1e30 leaves finite but huge weights after step 1; the next forward overflows and the loss is
+    NaN. Training stops there with a user error naming the step and the fix, not a NaN model marked done."""
+    model, tok, bench = parts
+    with pytest.raises(TrainingDiverged, match=r"at step [2-9]\d*: the loss is (nan|inf|-inf); lower the "
+                       "learning rate") as exc:
+        train(model, tok, build_method("sft"), bench.split("train"),
+              TrainConfig(max_steps=6, lr=1e30, batch_size=4, warmup_ratio=0), progress=False)
+    assert isinstance(exc.value, UserError)
+    assert "lr=1e+30" in str(exc.value)
+
+
+class _NaNGradientNLL(NLL):
+    """The finetuning NLL plus a term that is 0 but has a NaN gradient (d sqrt(x)/dx at 0 is inf,
+    times 0): each step's loss is finite, the weights turn NaN at the update."""
+
+    def __call__(self, inp):
+        first = next(inp.model.parameters())
+        return super().__call__(inp) + (first.sum() * 0).sqrt()
+
+
+def test_non_finite_weights_stop_training_and_are_never_checkpointed(parts, tmp_path):
+    model, tok, bench = parts
+    run = RunDir.open(tmp_path / "run", kind="train")
+    with pytest.raises(TrainingDiverged, match=r"by step 1: weights \(.+\) hold NaN or infinite values; lower"):
+        train(model, tok, Composite(_NaNGradientNLL(), name="nan-grad"), bench.split("train"),
+              TrainConfig(max_steps=3, lr=1e-3, batch_size=4, save_every=1), run=run, progress=False)
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert [r["step"] for r in run.read_log()] == [1]  # the step's loss was finite and logged
+
+
+def test_non_finite_weights_at_the_end_stop_training(parts):
+    model, tok, bench = parts
+    with pytest.raises(TrainingDiverged, match="by step 1: weights"):
+        train(model, tok, Composite(_NaNGradientNLL(), name="nan-grad"), bench.split("train"),
+              TrainConfig(max_steps=1, lr=1e-3, batch_size=4), progress=False)
+
+
+def test_a_procedure_is_not_trained_by_the_loop(parts):
+    model, tok, bench = parts
+    with pytest.raises(TypeError, match="'unierase' is not trained by the loop: it is a procedure"):
+        train(model, tok, build_method("unierase"), bench.split("forget"), TrainConfig(), progress=False)

@@ -18,10 +18,10 @@ from obliviate.data.refusal import REFUSALS, refusal_for
 from obliviate.evaluation.generation import generate_answers, greedy_batch, stop_token_ids
 from obliviate.methods.common import per_sample_nll
 from obliviate.models.tiny import build_tiny_model
-from obliviate.unierase import (UNLEARN_TOKEN, UniEraseOptions, add_unlearn_token, alphaedit_update,
-                                nullspace_projector, train_unlearn_token, unierase)
-from obliviate.unierase.edit import (capture, down_proj, key_second_moment, last_position_tokens, make_tokens,
-                                    optimise_targets)
+from obliviate.methods.unierase import (UNLEARN_TOKEN, UniEraseOptions, add_unlearn_token, alphaedit_update,
+                                        nullspace_projector, train_unlearn_token, unierase)
+from obliviate.methods.unierase.edit import (capture, down_proj, key_second_moment, last_position_tokens,
+                                             make_tokens, optimise_targets)
 
 # Answers start with different letters: the tiny byte-level model decides the first answer token
 # from little more than that letter, so questions sharing it share their last-position key.
@@ -378,6 +378,26 @@ def test_alphaedit_update_matches_least_squares():
 
 # ---------------------------------------------------------------- options and the command
 
+def test_registered_procedure_edits_as_the_recipe_does(edited, stage1):
+    """``build_method("unierase", **options).apply`` (what ``api.unlearn`` runs) returns the model and
+    tokenizer edited exactly as ``unierase(...)`` edits them, and the statistics it writes."""
+    from obliviate.methods import Procedure, ProcedureResult, build_method
+
+    method = build_method("unierase", **EDIT)
+    assert isinstance(method, Procedure)
+    model, tok, _, _ = stage1
+    model, tok = copy.deepcopy(model), copy.deepcopy(tok)
+    result = method.apply(model, tok, qa(FORGET, "forget"), qa(RETAIN, "retain"), ChatFormat(tok, system_prompt=None),
+                          general=qa(GENERAL, "general"))
+    assert isinstance(result, ProcedureResult) and result.model is model and result.tokenizer is tok
+    want, _, path = edited
+    for (n, p), (_, q) in zip(result.model.named_parameters(), want.named_parameters()):
+        assert torch.equal(p, q), n
+    written = json.loads((path / "unierase.json").read_text())
+    stats = json.loads(json.dumps(result.stats))  # JSON-able as it is
+    assert {k: v for k, v in stats.items() if k != "seconds"} == {k: v for k, v in written.items() if k != "seconds"}
+
+
 def test_bad_options_are_named(tmp_path):
     with pytest.raises(ValueError, match="unknown UniErase options"):
         UniEraseOptions.from_dict({"lr": 1})
@@ -394,7 +414,7 @@ def test_bad_options_are_named(tmp_path):
 
 def test_bad_rows_fail_before_the_model_changes(tmp_path):
     from obliviate.data.qa import DataError
-    from obliviate.unierase import apply_unierase
+    from obliviate.methods.unierase import apply_unierase
 
     model, tok = load(build_tiny_model(tmp_path / "m", layers=2))
     before = {k: v.clone() for k, v in model.state_dict().items()}

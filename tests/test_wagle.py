@@ -241,7 +241,7 @@ def test_a_plain_gradient_mask_with_decoupled_decay_moves_frozen_weights(tiny):
     """The naive approach (mask the gradient, let AdamW decay every weight) changes weights outside the
     mask: decoupled weight decay shrinks them although their gradient is zero."""
     from obliviate.methods import StepInputs
-    from obliviate.training.loop import collate, encode_views
+    from obliviate.data.batches import collate, encode_views
 
     model, fmt = tiny
     model = copy.deepcopy(model).train()

@@ -16,15 +16,21 @@ report, registry and audit commands work on it. Finished cells are skipped on re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from obliviate.data.benchmark import load_benchmark
+from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
+from obliviate.methods import build_method
 from obliviate.models.loading import DEFAULT_MODEL
 from obliviate.pipeline import PipelineConfig, run_pipeline
+from obliviate.reporting.ranking import rank
+from obliviate.reporting.report import write_report
+from obliviate.reporting.tables import SUMMARY, format_number, markdown_table
 from obliviate.runs import RunDir, atomic_write_text
 
 
@@ -47,7 +53,8 @@ class MethodSpec:
             opts = getattr(self, part)
             if opts is not None:
                 label += f"+{part}" + "".join(f"-{k}{v}" for k, v in sorted(opts.items()))
-        return label
+        # The label names the cell's directory: option values (a mask path, say) must not leave it.
+        return re.sub(r"[^A-Za-z0-9_.+=-]", "_", label).lstrip(".")
 
 
 @dataclass
@@ -94,11 +101,7 @@ class BenchConfig:
                 raise ValueError(f"{source}: methods[{i}] must be a name or "
                                  "{name: ..., options: {...}, wagle: {...}, guard: {...}}")
         cfg = cls(**{**data, "methods": methods})
-        from obliviate.methods import build_method
-
         for m in cfg.methods:  # fail now, not after hours of finetuning
-            if m.name == "unierase":
-                continue
             try:
                 build_method(m.name, **m.options)
             except ValueError as exc:
@@ -111,8 +114,6 @@ class BenchConfig:
 def _benchmark_dir(cfg: BenchConfig, out: Path) -> str:
     if cfg.benchmark:
         return cfg.benchmark
-    from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
-
     directory = out / "benchmark"
     if not (directory / "benchmark.json").exists():
         scfg = SyntheticConfig(**cfg.synthetic)
@@ -124,49 +125,45 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, overwrite: bool = False, pro
               echo=print) -> list[dict[str, Any]]:
     """Run every cell not yet finished; write ``leaderboard.json``/``.md`` and an HTML report."""
     out = Path(out)
-    run = RunDir.create(out, overwrite=overwrite, resume=out.exists() and not overwrite)
-    if run.has("bench.yaml"):
-        previous = yaml.safe_load(run.file("bench.yaml").read_text())
-        if previous != _plain(cfg):
-            echo("[obliviate] note: the config differs from the one this directory was started with; "
-                 "finished cells are kept as they are")
-    else:
-        atomic_write_text(run.file("bench.yaml"), yaml.safe_dump(_plain(cfg), sort_keys=False))
-    bench_dir = _benchmark_dir(cfg, out)
-    cells = []
-    for seed in cfg.seeds:
-        for split in cfg.forget_splits:
-            bench = load_benchmark(bench_dir, forget_split=split)
-            shared = {"target": out / f"target-s{seed}", "oracle": out / f"oracle-{split}-s{seed}",
-                      "target_eval": out / "evals" / f"target-{split}-s{seed}.json",
-                      "oracle_eval": out / "evals" / f"oracle-{split}-s{seed}.json"}
-            for method in cfg.methods:
-                cell = out / "cells" / f"{method.label}-{split}-s{seed}"
-                status = RunDir(cell).status() if cell.exists() else None
-                if status == "done":
-                    echo(f"[obliviate] {cell.name}: done, skipped")
-                else:
-                    echo(f"[obliviate] {cell.name}")
-                    pcfg = PipelineConfig(model=cfg.model, method=method.name, method_options=method.options,
-                                          wagle=method.wagle, guard=method.guard,
-                                          finetune={**cfg.finetune, "seed": seed}, unlearn={**cfg.unlearn, "seed": seed},
-                                          dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
-                                          eval_batch_size=cfg.eval_batch_size)
-                    run_pipeline(bench, cell, pcfg, resume=cell.exists(), progress=progress, echo=echo, shared=shared)
-                metrics = RunDir(cell).read_json("metrics.json")
-                cells.append({"cell": cell.name, "method": method.label, "split": split, "seed": seed,
-                              **{k: metrics["models"]["unlearned"].get(k) for k in
-                                 ("forget_quality", "model_utility", "forget_rouge", "retain_rouge",
-                                  "sacrifice_truth_ratio", "sacrifice_rouge", "sacrifice_probability")},
-                              "forgotten": metrics["verdict"]["forgotten"],
-                              "utility_kept": metrics["verdict"]["utility_kept"]})
-    board = leaderboard(cells)
-    run.write_json("leaderboard.json", {"cells": cells, "leaderboard": board})
-    atomic_write_text(run.file("leaderboard.md"), leaderboard_markdown(board))
-    from obliviate.reporting.report import write_report
-
-    write_report([out / "cells" / c["cell"] for c in cells], out / "report")
-    run.set_status("done")
+    # Cells have their own fingerprints; what they share (data, model, recipes) must not change, while
+    # methods, seeds and splits may be added to a benchmark directory.
+    shared_options = {k: v for k, v in _plain(cfg).items() if k not in ("methods", "seeds", "forget_splits")}
+    run = RunDir.open(out, kind="bench", fingerprint={"config": shared_options}, overwrite=overwrite,
+                      resume=out.exists() and not overwrite, inputs=(cfg.benchmark, cfg.model))
+    run.write_text("bench.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
+    with run.running("bench", resume=out.exists() and not overwrite):
+        bench_dir = _benchmark_dir(cfg, out)
+        cells = []
+        for seed in cfg.seeds:
+            for split in cfg.forget_splits:
+                bench = load_benchmark(bench_dir, forget_split=split)
+                shared = {"target": out / f"target-s{seed}", "oracle": out / f"oracle-{split}-s{seed}",
+                          "target_eval": out / "evals" / f"target-{split}-s{seed}.json",
+                          "oracle_eval": out / "evals" / f"oracle-{split}-s{seed}.json"}
+                for method in cfg.methods:
+                    cell = out / "cells" / f"{method.label}-{split}-s{seed}"
+                    status = RunDir(cell).status() if cell.exists() else None
+                    if status == "done":
+                        echo(f"[obliviate] {cell.name}: done, skipped")
+                    else:
+                        echo(f"[obliviate] {cell.name}")
+                        pcfg = PipelineConfig(model=cfg.model, method=method.name, method_options=method.options,
+                                              wagle=method.wagle, guard=method.guard,
+                                              finetune={**cfg.finetune, "seed": seed}, unlearn={**cfg.unlearn, "seed": seed},
+                                              dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
+                                              eval_batch_size=cfg.eval_batch_size)
+                        run_pipeline(bench, cell, pcfg, resume=cell.exists(), progress=progress, echo=echo, shared=shared)
+                    metrics = RunDir(cell).read_json("metrics.json")
+                    cells.append({"cell": cell.name, "method": method.label, "split": split, "seed": seed,
+                                  **{k: metrics["models"]["unlearned"].get(k) for k in
+                                     ("forget_quality", "model_utility", "forget_rouge", "retain_rouge",
+                                      "sacrifice_truth_ratio", "sacrifice_rouge", "sacrifice_probability")},
+                                  "forgotten": metrics["verdict"]["forgotten"],
+                                  "utility_kept": metrics["verdict"]["utility_kept"]})
+        board = leaderboard(cells)
+        run.write_json("leaderboard.json", {"cells": cells, "leaderboard": board})
+        atomic_write_text(run.file("leaderboard.md"), leaderboard_markdown(board))
+        write_report([out / "cells" / c["cell"] for c in cells], out / "report")
     return board
 
 
@@ -176,8 +173,9 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def leaderboard(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Methods ranked by mean forget quality (higher = closer to the oracle), ties by model utility.
-    Means are over splits and seeds; ``n`` cells each."""
+    """Methods in the one leaderboard order (``reporting.ranking``: Pareto front on mean forget quality
+    and mean model utility, then forget quality, then utility), ``rank`` and ``front`` set. Means
+    are over splits and seeds; ``n`` cells each."""
     by_method: dict[str, list[dict]] = {}
     for c in cells:
         by_method.setdefault(c["method"], []).append(c)
@@ -186,25 +184,17 @@ def leaderboard(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "forget_rouge": _mean([c["forget_rouge"] for c in cs]),
              "forgotten": sum(bool(c["forgotten"]) for c in cs), "utility_kept": sum(bool(c["utility_kept"]) for c in cs)}
             for m, cs in by_method.items()]
-    rows.sort(key=lambda r: (-(r["forget_quality"] or 0.0), -(r["model_utility"] or 0.0)))
-    for rank, r in enumerate(rows, 1):
-        r["rank"] = rank
-    return rows
+    ranked = rank(rows, lambda r: r["forget_quality"], lambda r: r["model_utility"])
+    return [{**r.item, "rank": r.rank, "front": r.front} for r in ranked]
 
 
 def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
-    from obliviate.pipeline import _fmt
-
-    lines = ["| rank | method | cells | forget quality | model utility | forget ROUGE-L | forgotten | utility kept |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['rank']} | {r['method']} | {r['n']} | {_fmt(r['forget_quality'])} | "
-                     f"{_fmt(r['model_utility'])} | {_fmt(r['forget_rouge'])} | {r['forgotten']}/{r['n']} | "
-                     f"{r['utility_kept']}/{r['n']} |")
-    return "\n".join(lines) + "\n"
+    header = ["rank", "method", "cells", "forget quality", "model utility", "forget ROUGE-L", "forgotten", "utility kept"]
+    body = [[r["rank"], r["method"], r["n"], *(format_number(r[k], SUMMARY) for k in
+                                              ("forget_quality", "model_utility", "forget_rouge")),
+             f"{r['forgotten']}/{r['n']}", f"{r['utility_kept']}/{r['n']}"] for r in rows]
+    return markdown_table(header, body) + "\n"
 
 
 def _plain(cfg: BenchConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return asdict(cfg)

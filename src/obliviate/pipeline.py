@@ -18,17 +18,20 @@ from typing import Any
 
 from obliviate import api
 from obliviate.data.benchmark import Benchmark, load_benchmark
-from obliviate.models.loading import DEFAULT_MODEL
-from obliviate.runs import RunDir, atomic_write_text
-
-
-@dataclass
-class Thresholds:
-    """What "forgotten" and "utility kept" mean in the verdict."""
-
-    min_forget_quality: float = 0.05  # KS p-value vs the oracle: no evidence the two differ
-    max_forget_rouge_gap: float = 0.1  # unlearned forget ROUGE at most this far above the oracle's
-    min_utility_ratio: float = 0.9  # unlearned model utility >= this x the target's
+from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
+from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model, load_eval, save_eval, summary_row
+from obliviate.evaluation.privacy import privacy_of_models
+from obliviate.evaluation.sacrifice import sacrifice_rates
+from obliviate.evaluation.scores import ModelScores
+from obliviate.evaluation.tofu import forget_quality
+from obliviate.evaluation.verdict import PIPELINE_THRESHOLDS, Thresholds, pipeline_verdict
+from obliviate.models.loading import DEFAULT_MODEL, load_tokenizer
+from obliviate.reporting.model_card import model_card_info, write_model_card
+from obliviate.reporting.tables import SUMMARY, format_number, markdown_table
+from obliviate.runs import RunDir, atomic_write_json, atomic_write_text, read_json
+from obliviate.runs.fingerprint import dataset_fingerprint
+from obliviate.training import presets
+from obliviate.training.loop import planned_steps
 
 
 @dataclass
@@ -39,32 +42,18 @@ class PipelineConfig:
     finetune: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     unlearn: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
-    system_prompt: str | None = api.DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     max_length: int = 512
     eval_batch_size: int = 32
     max_new_tokens: int = 200
-    thresholds: Thresholds = field(default_factory=Thresholds)
+    thresholds: Thresholds = PIPELINE_THRESHOLDS  # what "forgotten" and "utility kept" mean
     wagle: dict[str, Any] | str | None = None  # WAGLE options or a mask file (obliviate.attribution)
     guard: dict[str, Any] | str | None = None  # GUARD options or a weights file
 
 
 def verdict(rows: dict[str, dict[str, Any]], t: Thresholds) -> dict[str, Any]:
-    u, o, tgt = rows["unlearned"], rows["oracle"], rows["target"]
-    fq = u.get("forget_quality")
-    rouge_gap = u["forget_rouge"] - o["forget_rouge"]
-    forgotten = fq is not None and fq >= t.min_forget_quality and rouge_gap <= t.max_forget_rouge_gap
-    mu_t, mu_u = tgt.get("model_utility"), u.get("model_utility")
-    ratio = (mu_u / mu_t) if mu_t else None
-    kept = ratio is not None and ratio >= t.min_utility_ratio
-    return {
-        "forgotten": forgotten,
-        "utility_kept": kept,
-        "forget_quality": fq,
-        "forget_rouge_gap_to_oracle": round(rouge_gap, 4),
-        "utility_ratio_to_target": None if ratio is None else round(ratio, 4),
-        "thresholds": asdict(t),
-        "target_memorised": tgt["forget_rouge"] > o["forget_rouge"],
-    }
+    """The run's verdict (``evaluation.verdict.pipeline_verdict``), as ``certify`` judges too."""
+    return pipeline_verdict(rows, t)
 
 
 def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineConfig, *, overwrite: bool = False,
@@ -75,16 +64,12 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
     ``shared`` lets several runs (``obliviate bench`` cells) reuse one target and one oracle: it
     maps ``target``/``oracle`` to their finetuning run directories and ``target_eval``/
     ``oracle_eval``/``privacy`` to result files, each made by the first run that needs it."""
-    from obliviate.evaluation.evaluate import load_eval, save_eval, summary_row
-    from obliviate.evaluation.sacrifice import sacrifice_rates
-    from obliviate.evaluation.tofu import forget_quality
-    from obliviate.reporting.model_card import model_card_info, write_model_card
-
     bench = bench if isinstance(bench, Benchmark) else load_benchmark(bench)
-    run = RunDir.create(out, overwrite=overwrite, resume=resume and Path(out).exists())
-    run.write_config({"command": "pipeline", "benchmark": bench.source, **asdict(cfg)})
-    run.set_status("running")
-    recorder = api.RunRecorder(run, "pipeline", resume)
+    config = {"command": "pipeline", "benchmark": bench.source, **asdict(cfg)}
+    data = {role: dataset_fingerprint(bench.split(role)) for role in sorted(bench.roles)}
+    run = RunDir.open(out, kind="pipeline", fingerprint={"config": config, "data": data}, overwrite=overwrite,
+                      resume=resume, inputs=(bench.source, cfg.model))
+    run.write_config(config)
     common = dict(dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length, progress=progress)
     eval_common = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, **common)
     sets = _eval_sets(bench)
@@ -105,7 +90,7 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
             save_eval(result, cache)
         return result
 
-    try:
+    with run.running("pipeline", resume=resume) as life:
         echo("[obliviate] finetuning the target on the train split")
         target = api.finetune(cfg.model, bench.split("train"), shared.get("target", run.file("target")), cfg.finetune,
                               resume=resume or "target" in shared, **common)
@@ -121,29 +106,24 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
         trajectory.finish(unlearned_eval, run.file("unlearn"))
         privacy = _privacy(run, bench, {"target": target, "oracle": oracle, "unlearned": unlearned}, cfg, resume,
                            echo, shared.get("privacy"))
-    except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        recorder.finish("failed")
-        raise
-    rows = {"target": summary_row(target_eval), "oracle": summary_row(oracle_eval),
-            "unlearned": summary_row(unlearned_eval)}
-    # The oracle against itself (p = 1 by construction), so the table has no hole.
-    oracle_r = oracle_eval["sets"]["forget"]["per_sample"]["truth_ratio_raw"]
-    rows["oracle"]["forget_quality"] = forget_quality(oracle_r, oracle_r)
-    for label, ev in (("oracle", oracle_eval), ("unlearned", unlearned_eval)):
-        rows[label].update({f"sacrifice_{k}": v for k, v in sacrifice_rates(target_eval, ev).items()})
-    if privacy is not None:
-        from obliviate.evaluation.privacy import privacy_rows
+        rows = {"target": summary_row(target_eval), "oracle": summary_row(oracle_eval),
+                "unlearned": summary_row(unlearned_eval)}
+        # The oracle against itself (p = 1 by construction), so the table has no hole.
+        oracle_r = oracle_eval["sets"]["forget"]["per_sample"]["truth_ratio_raw"]
+        rows["oracle"]["forget_quality"] = forget_quality(oracle_r, oracle_r)
+        for label, ev in (("oracle", oracle_eval), ("unlearned", unlearned_eval)):
+            rows[label].update({f"sacrifice_{k}": v for k, v in sacrifice_rates(target_eval, ev).items()})
+        if privacy is not None:
+            from obliviate.evaluation.privacy import privacy_rows
 
-        for label, extra in privacy_rows(privacy, "oracle").items():
-            rows[label].update(extra)
-    result = {"models": rows, "verdict": verdict(rows, cfg.thresholds), "benchmark": bench.source}
-    run.write_json("metrics.json", result)
-    atomic_write_text(run.file("summary.md"), summary_markdown(result))
-    # The unlearned checkpoint's card, now with the metrics (fingerprints only, never content).
-    write_model_card(unlearned, model_card_info(run.path))
-    run.set_status("done")
-    recorder.finish("done", children=tuple(run.file(s) for s in ("target", "oracle", "unlearn") if run.file(s).exists()))
+            for label, extra in privacy_rows(privacy, "oracle").items():
+                rows[label].update(extra)
+        result = {"models": rows, "verdict": verdict(rows, cfg.thresholds), "benchmark": bench.source}
+        run.write_json("metrics.json", result)
+        atomic_write_text(run.file("summary.md"), summary_markdown(result))
+        # The unlearned checkpoint's card, now with the metrics (fingerprints only, never content).
+        write_model_card(unlearned, model_card_info(run.path))
+        life.children = [run.file(s) for s in ("target", "oracle", "unlearn") if run.file(s).exists()]
     return result
 
 
@@ -158,10 +138,8 @@ class _Trajectory:
 
     def __init__(self, run: RunDir, target: Path, sets, oracle_eval: dict, target_eval: dict, cfg: PipelineConfig,
                  n_forget: int, resume: bool):
-        from obliviate.training.loop import planned_steps
-
         self.run, self.target, self.sets, self.oracle_eval, self.cfg = run, target, sets, oracle_eval, cfg
-        train = api._train_config(cfg.unlearn, api.UNLEARN_DEFAULTS)  # what api.unlearn will train with
+        train = presets.train_config(cfg.unlearn, presets.UNLEARN)  # what api.unlearn will train with
         self.every, self.last = train.eval_every, planned_steps(train, n_forget)
         self.points = {row["step"]: row for row in run.read_json("trajectory.json")} \
             if resume and run.has("trajectory.json") else {}
@@ -169,8 +147,6 @@ class _Trajectory:
         self.fmt = None
 
     def _row(self, step: int, result: dict) -> dict:
-        from obliviate.evaluation.evaluate import summary_row
-
         row = summary_row(result)
         return {"step": step, **{k: row.get(k) for k in self.KEYS}}
 
@@ -185,10 +161,6 @@ class _Trajectory:
     def _evaluate(self, model, step: int) -> None:
         if step >= self.last:
             return  # the unlearned model's own evaluation is this point (finish)
-        from obliviate.data.chat import ChatFormat
-        from obliviate.evaluation.evaluate import evaluate_model
-        from obliviate.models.loading import load_tokenizer
-
         if self.fmt is None:
             self.fmt = ChatFormat(load_tokenizer(str(self.target)), system_prompt=self.cfg.system_prompt,
                                   max_length=self.cfg.max_length)
@@ -203,8 +175,6 @@ class _Trajectory:
     def finish(self, unlearned_eval: dict, unlearn_dir: Path) -> None:
         stats = unlearn_dir / "train_stats.json"
         if self.every and stats.exists():
-            from obliviate.runs import read_json
-
             steps = int(read_json(stats)["steps"])
             self.points[steps] = self._row(steps, unlearned_eval)
             self._write()
@@ -212,28 +182,18 @@ class _Trajectory:
 
 def _unlearn(target: Path, bench: Benchmark, out: Path, cfg: PipelineConfig, resume: bool, common: dict,
              on_eval=None) -> Path:
-    if cfg.method == "unierase":
-        from obliviate.unierase import run_unierase
-
-        # A closed-form edit has no steps to resume: a finished run is reused, anything else redone.
-        if resume and RunDir(Path(out)).status() == "done":
-            return Path(out) / "model"
-        return run_unierase(target, bench.split("forget"), bench.split("retain"), out, options=cfg.method_options,
-                            dtype=common["dtype"], system_prompt=common["system_prompt"],
-                            max_length=common["max_length"], overwrite=resume)
     return api.unlearn(target, bench.split("forget"), bench.split("retain"), out, method=cfg.method,
                        method_options=cfg.method_options, train=cfg.unlearn, resume=resume, wagle=cfg.wagle,
                        guard=cfg.guard, on_eval=on_eval, **common)
 
 
 def _privacy(run: RunDir, bench: Benchmark, models: dict[str, Path], cfg: PipelineConfig, resume: bool,
-             echo, cache: Path | None = None) -> dict | None:
+             echo, cache: Path | None = None, scores: dict[str, ModelScores] | None = None) -> dict | None:
     """MIA AUCs (forget vs holdout), EM/ES of each model, with the base model as the reference
     attack's reference; written to ``privacy.json``. None when the benchmark has no holdout split.
-    ``cache`` holds the target's and oracle's results for runs that share them."""
-    from obliviate.evaluation.privacy import privacy_of_models
-    from obliviate.runs import atomic_write_json, read_json
-
+    ``cache`` holds the target's and oracle's results for runs that share them. ``scores`` (label ->
+    the scores of that model's evaluation, made with ``extra_pairs=privacy_pairs(forget, holdout)``)
+    spare running those models again: only the reference model is run, once."""
     if not bench.has("holdout"):
         return None
     if resume and run.has("privacy.json"):
@@ -243,7 +203,8 @@ def _privacy(run: RunDir, bench: Benchmark, models: dict[str, Path], cfg: Pipeli
     todo = {label: path for label, path in models.items() if label not in done}
     results = {**done, **privacy_of_models(todo, bench.split("forget"), bench.split("holdout"), reference=cfg.model,
                                            dtype=cfg.dtype, system_prompt=cfg.system_prompt,
-                                           max_length=cfg.max_length, batch_size=cfg.eval_batch_size)}
+                                           max_length=cfg.max_length, batch_size=cfg.eval_batch_size,
+                                           scores=scores)}
     if cache is not None and not done:
         atomic_write_json(cache, {k: v for k, v in results.items() if k in ("target", "oracle")})
     run.write_json("privacy.json", results)
@@ -251,8 +212,6 @@ def _privacy(run: RunDir, bench: Benchmark, models: dict[str, Path], cfg: Pipeli
 
 
 def _eval_sets(bench: Benchmark):
-    from obliviate.evaluation.evaluate import eval_sets_from_benchmark
-
     return eval_sets_from_benchmark(bench)
 
 
@@ -261,20 +220,22 @@ COLUMNS = [("forget_quality", "forget quality"), ("model_utility", "model utilit
            ("retain_rouge", "retain ROUGE-L")]
 
 
-def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.2e}" if isinstance(x, float) and 0 < abs(x) < 1e-3 else f"{x:.3f}"
+def summary_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The run's table (header, rows): a row per model, the :data:`COLUMNS` in the summary style;
+    what the CLI prints and summary.md holds."""
+    header = ["model"] + [title for _, title in COLUMNS]
+    rows = [[label] + [format_number(row.get(k), SUMMARY) for k, _ in COLUMNS] for label, row in result["models"].items()]
+    return header, rows
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
-    lines = ["| model | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for label, row in result["models"].items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(k)) for k, _ in COLUMNS) + " |")
     v = result["verdict"]
-    lines += ["", f"Forgotten: **{'yes' if v['forgotten'] else 'no'}** (forget quality {_fmt(v['forget_quality'])}, "
-              f"forget ROUGE {v['forget_rouge_gap_to_oracle']:+.3f} vs the oracle).",
-              f"Utility kept: **{'yes' if v['utility_kept'] else 'no'}** (unlearned / target model utility = "
-              f"{_fmt(v['utility_ratio_to_target'])}).",
-              f"Target memorised the forget set: {'yes' if v['target_memorised'] else 'NO: unlearning is not meaningful'}."]
+    gap = v["forget_rouge_gap_to_oracle"]
+    lines = [markdown_table(*summary_table(result)), "",
+             (f"Forgotten: **{'yes' if v['forgotten'] else 'no'}** (forget quality "
+              f"{format_number(v['forget_quality'], SUMMARY)}, forget ROUGE "
+              f"{'-' if gap is None else f'{gap:+.3f}'} vs the oracle)."),
+             (f"Utility kept: **{'yes' if v['utility_kept'] else 'no'}** (unlearned / target model utility = "
+              f"{format_number(v['utility_ratio_to_target'], SUMMARY)})."),
+             f"Target memorised the forget set: {'yes' if v['target_memorised'] else 'NO: unlearning is not meaningful'}."]
     return "\n".join(lines) + "\n"

@@ -25,6 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from obliviate.errors import UserError
+
+
+class BackendUnavailable(UserError, RuntimeError):
+    """The asked-for quantisation backend cannot run here (no GPU, package missing)."""
+
+
 DEFAULT_SKIP = ("lm_head", "embed")  # output head and embeddings stay in full precision, as usual
 
 
@@ -113,10 +120,10 @@ def load_bnb_quantised(path: str | Path, bits: int, dtype: str | torch.dtype = "
     if bits not in (4, 8):
         raise ValueError(f"bitsandbytes quantises to 4 or 8 bits, got {bits!r}")
     if not torch.cuda.is_available():
-        raise RuntimeError("bitsandbytes quantisation needs a CUDA GPU and none is available; "
+        raise BackendUnavailable("bitsandbytes quantisation needs a CUDA GPU and none is available; "
                            "use obliviate.attacks.quantise.quantise_model_rtn, which runs anywhere")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError("bitsandbytes is not installed: pip install bitsandbytes "
+        raise BackendUnavailable("bitsandbytes is not installed: pip install bitsandbytes "
                            "(or use quantise_model_rtn, which needs no extra package)")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

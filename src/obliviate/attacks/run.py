@@ -16,6 +16,7 @@ into the run directory, atomically:
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,10 +24,18 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from obliviate.attacks import relearn as rl
+from obliviate.attacks.probes import context_probe, few_shot_probe, paraphrase_probe
+from obliviate.attacks.quantise import load_bnb_quantised, quantise_model_rtn
+from obliviate.attacks.relearn import RelearnConfig, relearn_attack
 from obliviate.data.benchmark import Benchmark, load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.qa import DataError, QADataset
-from obliviate.runs import atomic_write_json
+from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model, load_eval, summary_row
+from obliviate.evaluation.privacy import privacy_of_models, privacy_rows
+from obliviate.models.loading import load_model, load_tokenizer
+from obliviate.processes import processes
+from obliviate.runs import RunDir, atomic_write_json
 
 MODEL_LABELS = ("unlearned", "oracle", "target")
 RELEARN_SOURCES = ("forget_subset", "attributes", "retain_neighbours", "file")
@@ -50,15 +59,13 @@ class AttackRun:
 
     @property
     def device(self) -> str:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return str(processes().device)  # this process's accelerator under accelerate launch
 
     def has(self, label: str) -> bool:
         return label in self.models
 
     def load(self, label: str):
         """(model, tokenizer) of a label, loaded once."""
-        from obliviate.models.loading import load_model, load_tokenizer
-
         if label not in self.models:
             raise FileNotFoundError(f"{self.path}: the run has no {label} model "
                                     f"(found: {', '.join(self.models) or 'none'})")
@@ -75,18 +82,14 @@ class AttackRun:
         return self.benchmark.split("eval_forget" if self.benchmark.has("eval_forget") else "forget")
 
     def oracle_eval(self) -> dict | None:
-        from obliviate.evaluation.evaluate import load_eval
-
         path = self.path / "eval" / "oracle.json"
         return load_eval(path) if path.is_file() else None
 
     def write(self, name: str, result: dict) -> Path:
-        from obliviate.api import record_result
-
         path = atomic_write_json(self.path / "attacks" / f"{name}.json", result)
         unlearned = self.models.get("unlearned")
-        record_result(path, "attack", method=name, model=str(unlearned) if unlearned else None,
-                      metrics=result.get("summary", result), parent_dir=self.path)
+        RunDir(self.path).record_result(path, "attack", method=name, model=str(unlearned) if unlearned else None,
+                      metrics=result.get("summary", result))
         return path
 
 
@@ -127,8 +130,6 @@ def relearn_split(run: AttackRun, source: str = "forget_subset", *, fraction: fl
                   attributes: Sequence[str] = (), file: str | Path | None = None, max_rows: int | None = None,
                   seed: int = 0):
     """The relearn set and held-out forget questions for ``source`` (one of ``RELEARN_SOURCES``)."""
-    from obliviate.attacks import relearn as rl
-
     forget = run.forget_set()
     if source == "forget_subset":
         return rl.forget_subset(forget, fraction, seed)
@@ -147,8 +148,6 @@ def relearn_split(run: AttackRun, source: str = "forget_subset", *, fraction: fl
 def run_relearn(run: AttackRun, cfg=None, source: str = "forget_subset", progress: bool = False,
                 **split_options) -> dict:
     """Relearning attack on the unlearned model and the oracle; writes ``attacks/relearn.json``."""
-    from obliviate.attacks.relearn import RelearnConfig, relearn_attack
-
     cfg = cfg or RelearnConfig()
     split = relearn_split(run, source, **split_options)
     model, tokenizer = run.load("unlearned")
@@ -163,8 +162,6 @@ def run_relearn(run: AttackRun, cfg=None, source: str = "forget_subset", progres
 # ------------------------------------------------------------------------------------------- quantisation
 
 def _bnb_available() -> bool:
-    import importlib.util
-
     return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
 
@@ -176,9 +173,6 @@ def run_quantise(run: AttackRun, bits: Sequence[int] = (8, 4), backend: str = "a
     LLM.int8 / NF4) or ``auto`` (bnb when a GPU and bitsandbytes are there, else rtn). Writes
     ``attacks/quantise.json`` (rows only) and ``attacks/quantise_config.json``.
     """
-    from obliviate.attacks.quantise import load_bnb_quantised, quantise_model_rtn
-    from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model, summary_row
-
     if backend not in ("auto", "rtn", "bnb"):
         raise ValueError(f"backend must be auto, rtn or bnb, got {backend!r}")
     used = ("bnb" if _bnb_available() else "rtn") if backend == "auto" else backend
@@ -211,8 +205,6 @@ def run_quantise(run: AttackRun, bits: Sequence[int] = (8, 4), backend: str = "a
 def probe_sets(run: AttackRun, probes: Sequence[str] = PROBES, shots: int = 3,
                seed: int = 0) -> tuple[dict[str, QADataset], dict[str, str]]:
     """The forget set under each probe ("none" = unchanged), and the probes that cannot run, with why."""
-    from obliviate.attacks.probes import context_probe, few_shot_probe, paraphrase_probe
-
     forget = run.forget_set()
     builders = {"paraphrase": lambda: paraphrase_probe(forget),
                 "few_shot": lambda: few_shot_probe(forget, run.benchmark.split("retain"), shots, seed),
@@ -232,8 +224,6 @@ def run_probes(run: AttackRun, probes: Sequence[str] = PROBES, models: Sequence[
                shots: int = 3, seed: int = 0, progress: bool = False) -> dict:
     """TOFU forget metrics of each model on each probed forget set; forget quality compares with the
     oracle under the *same* probe. Writes ``attacks/probes.json``."""
-    from obliviate.evaluation.evaluate import evaluate_model, summary_row
-
     sets, skipped = probe_sets(run, probes, shots, seed)
     labels = [m for m in models if run.has(m)]
     # The oracle first: its truth ratios under a probe are the reference for that probe.
@@ -274,8 +264,6 @@ def run_privacy(run: AttackRun, reference: bool = True, batch_size: int | None =
     """MIA AUCs, EM/ES (and exposure) of every model of the run, forget vs holdout, and PrivLeak of
     each against the oracle. ``reference`` adds the reference attack with the run's base model.
     Writes ``attacks/privacy.json``."""
-    from obliviate.evaluation.privacy import privacy_of_models, privacy_rows
-
     if not run.benchmark.has("holdout"):
         raise DataError(run.benchmark.source, None, "the privacy evaluation needs a holdout split (non-members)")
     ref = run.base_model if reference else None

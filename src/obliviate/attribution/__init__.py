@@ -23,6 +23,7 @@ from obliviate.attribution.guard import (GuardConfig, GuardResult, compute_guard
                                          load_guard_weights, save_guard)
 from obliviate.attribution.wagle import (WagleConfig, WagleMask, check_masks, compute_wagle_mask, load_mask,
                                          mask_report, module_type, save_mask, select_top, wagle_scores)
+from obliviate.methods import Composite, Method
 
 __all__ = [
     "WagleConfig", "WagleMask", "compute_wagle_mask", "wagle_scores", "select_top", "mask_report", "module_type",
@@ -69,11 +70,11 @@ def parse_guard(spec: GuardSpec | None) -> GuardConfig | Path | None:
     raise TypeError(f"guard must be a weights path, a dict of options or a GuardConfig, got {type(spec).__name__}")
 
 
-def _method_masks(masks: dict[str, torch.Tensor], model: torch.nn.Module, method, source: str) -> dict[str, torch.Tensor]:
+def _method_masks(masks: dict[str, torch.Tensor], model: torch.nn.Module, method: Method,
+                  source: str) -> dict[str, torch.Tensor]:
     """The masks of the parameters the method trains; one the file does not name is frozen (all False)."""
     check_masks(masks, model, source)
-    if hasattr(method, "bind"):
-        method.bind(model)
+    method.bind(model)
     out = {}
     for name, p in model.named_parameters():
         if method.trainable(name):
@@ -81,7 +82,7 @@ def _method_masks(masks: dict[str, torch.Tensor], model: torch.nn.Module, method
     return out
 
 
-def prepare_attribution(run, model: torch.nn.Module, fmt, method, forget, retain, *, lora: bool = False,
+def prepare_attribution(run, model: torch.nn.Module, fmt, method: Composite, forget, retain, *, lora: bool = False,
                         wagle: WagleSpec | None = None, guard: GuardSpec | None = None,
                         param_masks: dict[str, torch.Tensor] | None = None,
                         sample_weights: torch.Tensor | None = None,
@@ -122,7 +123,7 @@ def prepare_attribution(run, model: torch.nn.Module, fmt, method, forget, retain
                 raise ValueError("WAGLE needs retain data")
             mask = compute_wagle_mask(model, fmt, method, forget, retain, wagle, sample_weights=sample_weights)
             if run.writer:
-                save_mask(run.file(WAGLE_FILE), mask, {"method": getattr(method, "name", "")})
+                save_mask(run.file(WAGLE_FILE), mask, {"method": method.name})
             run.write_json(WAGLE_REPORT, mask.report)
             param_masks = mask.masks
             config["wagle"] = {**_jsonable(vars(wagle)), "mask_file": WAGLE_FILE}

@@ -43,18 +43,23 @@ Two estimators of a_i:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.func import functional_call, grad, vmap
 
+from obliviate.data.batches import collate, encode_views, to_device
 from obliviate.data.chat import IGNORE, ChatFormat, pad_batch
 from obliviate.data.qa import QADataset
-from obliviate.options import options_from_dict
+from obliviate.methods import per_sample_nll
+from obliviate.options import ALLOW_INF, options_from_dict
+from obliviate.runs import atomic_write_json
 
 WEIGHTS_FORMAT = "obliviate.guard/1"
 SKETCH_CHUNK = 1 << 22  # coordinates hashed per generator call: bounds the hash arrays' memory
@@ -62,7 +67,7 @@ SKETCH_CHUNK = 1 << 22  # coordinates hashed per generator call: bounds the hash
 
 @dataclass
 class GuardConfig:
-    tau: float = 1.0
+    tau: float = field(default=1.0, metadata={ALLOW_INF: True})  # inf: uniform weights
     relative_tau: bool = True  # tau in units of the attributions' standard deviation
     projection_dim: int | None = None  # None: exact inner products; k: CountSketch of dimension k
     seed: int = 0  # the sketch's hash functions
@@ -79,7 +84,7 @@ class GuardConfig:
         if self.params is not None:
             try:
                 re.compile(self.params)
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:  # a{10**12}, "(" * 5000: not usable either
                 raise ValueError(f"guard params is not a valid regular expression: {exc}") from None
 
     @classmethod
@@ -111,9 +116,6 @@ def attributed_params(model: torch.nn.Module, pattern: str | None = None) -> lis
 def retain_direction(model, fmt: ChatFormat, retain: QADataset, names: list[str],
                      batch_size: int = 8) -> dict[str, torch.Tensor]:
     """mean_j grad NLL(r_j): the gradient of the mean over retain samples of each one's mean token NLL."""
-    from obliviate.methods.common import per_sample_nll
-    from obliviate.training.loop import collate, encode_views, to_device
-
     if len(retain) == 0:
         raise ValueError("GUARD needs a non-empty retain set")
     device = next(model.parameters()).device
@@ -138,9 +140,9 @@ def _check_right_padded(mask: torch.Tensor) -> None:
 
 def per_sample_gradients(model, names: list[str], input_ids: torch.Tensor,
                          labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{name: [B, *shape]}``: gradient of each row's mean answer-token NLL, via vmap(grad)."""
-    from torch.func import functional_call, grad, vmap
-
+    """``{name: [B, *shape]}``: gradient of each row's mean answer-token NLL, via vmap(grad). The NLL
+    is written out here rather than taken from ``methods.per_sample_nll``: under vmap each row is one
+    sample without a batch dimension, and the label selection must be a multiply, not indexing."""
     named = dict(model.named_parameters())
     params = {n: named[n].detach() for n in names}
 
@@ -183,8 +185,6 @@ def guard_attributions(model, fmt: ChatFormat, forget: QADataset, retain: QAData
                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(a [n] float64, sketches [n, k] or None)``: a_i = <grad NLL(f_i), mean_j grad NLL(r_j)>,
     exact, or estimated from CountSketches of dimension ``projection_dim``."""
-    from obliviate.training.loop import encode_views
-
     if len(forget) == 0:
         raise ValueError("GUARD needs a non-empty forget set")
     names = params if params is not None else attributed_params(model)
@@ -250,8 +250,6 @@ def compute_guard(model, fmt: ChatFormat, forget: QADataset, retain: QADataset,
 def save_guard(path: str | Path, result: GuardResult, forget: QADataset | None = None,
                extra: dict[str, Any] | None = None) -> Path:
     """Weights, attributions and options as JSON (written atomically)."""
-    from obliviate.runs import atomic_write_json
-
     config = asdict(result.config)
     if math.isinf(config["tau"]):
         config["tau"] = "inf"
@@ -266,8 +264,6 @@ def save_guard(path: str | Path, result: GuardResult, forget: QADataset | None =
 def load_guard_weights(path: str | Path, n: int | None = None) -> torch.Tensor:
     """The weights of a file written by :func:`save_guard` (or any JSON with a ``weights`` list),
     checked: finite, >= 0, and ``n`` of them when ``n`` is given."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: GUARD weights file not found")

@@ -31,10 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
+from obliviate.data.batches import collate, encode_views, to_device
 from obliviate.data.chat import IGNORE, ChatFormat, Encoded
 from obliviate.data.qa import QADataset
+from obliviate.methods import Composite, StepInputs, reference_logps_for_rows, sequence_logps
 from obliviate.options import options_from_dict
+from obliviate.runs import atomic_write_bytes
 
 MASK_FORMAT = "obliviate.wagle/1"
 SCOPES = ("global", "layer", "tensor")
@@ -104,11 +109,10 @@ class WagleMask:
 # ---------------------------------------------------------------------------------------------- gradients
 
 
-def candidate_params(model: torch.nn.Module, method, include_norms: bool = True,
+def candidate_params(model: torch.nn.Module, method: Composite, include_norms: bool = True,
                      include_embeddings: bool = True) -> tuple[list[str], list[str]]:
     """``(candidates, excluded)``: parameters the method trains, split by the norm/embedding options."""
-    if hasattr(method, "bind"):
-        method.bind(model)
+    method.bind(model)
     candidates, excluded = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or not method.trainable(name):
@@ -133,10 +137,8 @@ def _accumulate(params: dict[str, torch.nn.Parameter], into: dict[str, torch.Ten
 
 def retain_gradient(model, fmt: ChatFormat, retain: QADataset, params: dict[str, torch.nn.Parameter],
                     batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Gradient of the retain NLL: summed over all retain answer tokens, divided by their count."""
-    from obliviate.methods.common import sequence_logps
-    from obliviate.training.loop import collate, encode_views, to_device
-
+    """Gradient of the retain NLL: summed over all retain answer tokens, divided by their count
+    (``methods.nll.RetainNLL`` over the whole set at once, rather than per batch)."""
     device = next(model.parameters()).device
     rows = encode_views(fmt, retain, ("answer",))
     total = _label_tokens([r["answer"] for r in rows])
@@ -150,20 +152,18 @@ def retain_gradient(model, fmt: ChatFormat, retain: QADataset, params: dict[str,
     return grads
 
 
-def forget_gradient(model, fmt: ChatFormat, method, forget: QADataset, params: dict[str, torch.nn.Parameter],
-                    batch_size: int = 8, sample_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def forget_gradient(model, fmt: ChatFormat, method: Composite, forget: QADataset,
+                    params: dict[str, torch.nn.Parameter], batch_size: int = 8,
+                    sample_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Gradient of the method's forget objective, the (weighted) mean of its per-sample losses over
     the whole forget set, at the current model (which is also the reference for NPO/DPO)."""
-    from obliviate.methods import StepInputs
-    from obliviate.training.loop import collate, encode_views, precompute_ref_logps, to_device
-
     device = next(model.parameters()).device
     objective = method.forget
     rows = encode_views(fmt, forget, tuple(method.views))
     pad_id = fmt.tokenizer.pad_token_id
     if sample_weights is not None and len(sample_weights) != len(rows):
         raise ValueError(f"{len(sample_weights)} sample weights for {len(rows)} forget examples")
-    ref_logps = precompute_ref_logps(model, rows, pad_id, batch_size, device) if method.needs_ref_logps else None
+    ref_logps = reference_logps_for_rows(model, rows, pad_id, batch_size) if method.needs_ref_logps else None
     grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     for start in range(0, len(rows), batch_size):
         idx = list(range(start, min(start + batch_size, len(rows))))
@@ -199,8 +199,8 @@ class _only_grads_for:
         self.model.train(self.training)
 
 
-def wagle_scores(model, fmt: ChatFormat, method, forget: QADataset, retain: QADataset, *, gamma: float = 1e-6,
-                 params: list[str] | None = None, batch_size: int = 8,
+def wagle_scores(model, fmt: ChatFormat, method: Composite, forget: QADataset, retain: QADataset, *,
+                 gamma: float = 1e-6, params: list[str] | None = None, batch_size: int = 8,
                  sample_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """S = |(theta - g_r / gamma) * g_f| for each parameter in ``params`` (default: every parameter the
     method trains), float32 on the CPU."""
@@ -282,7 +282,7 @@ def _layer_key(label: str) -> tuple[int, int]:
     return (1, 0) if label == "non-layer" else (0, int(label.split()[1]))
 
 
-def compute_wagle_mask(model, fmt: ChatFormat, method, forget: QADataset, retain: QADataset,
+def compute_wagle_mask(model, fmt: ChatFormat, method: Composite, forget: QADataset, retain: QADataset,
                        config: WagleConfig | None = None, sample_weights: torch.Tensor | None = None) -> WagleMask:
     """Scores, then the top-``rho`` mask over the candidates; parameters the method trains but the
     options exclude (norms, embeddings) get all-False masks."""
@@ -306,10 +306,6 @@ def compute_wagle_mask(model, fmt: ChatFormat, method, forget: QADataset, retain
 def save_mask(path: str | Path, mask: WagleMask, extra: dict[str, str] | None = None) -> Path:
     """Write the masks (bool tensors keyed by parameter name) as safetensors, atomically; the
     metadata (strings) holds the format tag, rho, gamma, scope, the other options and the report as JSON."""
-    from safetensors.torch import save
-
-    from obliviate.runs import atomic_write_bytes
-
     meta = {"format": MASK_FORMAT, **{k: str(v) for k, v in asdict(mask.config).items()},
             "report": json.dumps(mask.report), **(extra or {})}
     tensors = {n: m.to(torch.bool).contiguous().cpu() for n, m in mask.masks.items()}
@@ -318,8 +314,6 @@ def save_mask(path: str | Path, mask: WagleMask, extra: dict[str, str] | None = 
 
 def load_mask(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(masks, metadata)`` from a file written by :func:`save_mask` (uint8 0/1 tensors accepted too)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: WAGLE mask file not found")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from obliviate.cli.errors import user_errors
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
 from obliviate.models.loading import DEFAULT_MODEL
 
@@ -19,7 +20,6 @@ attack_app = typer.Typer(help="Attacks on a finished run: is it really forgotten
                          pretty_exceptions_enable=False)
 study_app = typer.Typer(help="Studies that need several runs.", no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(highlight=False)
-KNOWN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError)
 
 RunArg = Annotated[Path, typer.Argument(help="A finished pipeline run directory (obliviate demo).")]
 Benchmark = Annotated[Optional[str], typer.Option(help="Benchmark directory (default: the run's config.yaml).")]
@@ -32,11 +32,6 @@ NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress b
 def register(app: typer.Typer) -> None:
     app.add_typer(attack_app, name="attack")
     app.add_typer(study_app, name="study")
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {exc}")
-    return typer.Exit(2)
 
 
 def _open(run_dir: Path, benchmark, unlearned, oracle, target):
@@ -60,6 +55,7 @@ def _int_list(values: list[str], name: str) -> list[int]:
 
 
 @attack_app.command("relearn")
+@user_errors
 def relearn(
     run_dir: RunArg,
     source: Annotated[str, typer.Option(help="Relearn set: forget_subset, attributes, retain_neighbours or file.")]
@@ -85,14 +81,11 @@ def relearn(
     from obliviate.attacks.relearn import RelearnConfig
     from obliviate.attacks.run import run_relearn
 
-    try:
-        run = _open(run_dir, benchmark, unlearned, oracle, target)
-        cfg = RelearnConfig(steps=tuple(_int_list(steps, "--steps")), lr=lr, batch_size=batch_size, lora=lora,
-                            lora_r=lora_r, seed=seed, max_new_tokens=max_new_tokens)
-        result = run_relearn(run, cfg, source, progress=not no_progress, fraction=fraction,
-                             attributes=attribute or (), file=file, max_rows=max_rows, seed=seed)
-    except KNOWN_ERRORS as exc:
-        raise _fail(exc) from None
+    run = _open(run_dir, benchmark, unlearned, oracle, target)
+    cfg = RelearnConfig(steps=tuple(_int_list(steps, "--steps")), lr=lr, batch_size=batch_size, lora=lora,
+                        lora_r=lora_r, seed=seed, max_new_tokens=max_new_tokens)
+    result = run_relearn(run, cfg, source, progress=not no_progress, fraction=fraction,
+                         attributes=attribute or (), file=file, max_rows=max_rows, seed=seed)
     from rich.table import Table
 
     table = Table(title=f"Relearning ({result['relearn_set']['kind']}, {result['relearn_set']['n_relearn']} rows; "
@@ -110,6 +103,7 @@ def relearn(
 
 
 @attack_app.command("quantise")
+@user_errors
 def quantise(
     run_dir: RunArg,
     bits: Annotated[list[str], typer.Option(help="Bit widths, e.g. 8,4.")] = ["8,4"],  # noqa: B006
@@ -123,11 +117,8 @@ def quantise(
     8- and 4-bit quantisation."""
     from obliviate.attacks.run import run_quantise
 
-    try:
-        run = _open(run_dir, benchmark, unlearned, oracle, target)
-        result = run_quantise(run, _int_list(bits, "--bits"), backend, group_size or None, progress=not no_progress)
-    except KNOWN_ERRORS as exc:
-        raise _fail(exc) from None
+    run = _open(run_dir, benchmark, unlearned, oracle, target)
+    result = run_quantise(run, _int_list(bits, "--bits"), backend, group_size or None, progress=not no_progress)
     for label, row in result.items():
         console.print(f"{label:>5}: forget ROUGE {_fmt(row.get('forget_rouge'))}  forget prob "
                       f"{_fmt(row.get('forget_probability'))}  forget quality {_fmt(row.get('forget_quality'))}  "
@@ -136,6 +127,7 @@ def quantise(
 
 
 @attack_app.command("probe")
+@user_errors
 def probe(
     run_dir: RunArg,
     probe_name: Annotated[Optional[list[str]], typer.Option("--probe", help="paraphrase, few_shot, context; "
@@ -150,12 +142,9 @@ def probe(
     """Paraphrase / few-shot / context probes of the forget set, evaluated with the TOFU metrics."""
     from obliviate.attacks.run import MODEL_LABELS, PROBES, run_probes
 
-    try:
-        run = _open(run_dir, benchmark, unlearned, oracle, target)
-        result = run_probes(run, tuple(probe_name or PROBES), tuple(model or MODEL_LABELS), shots, seed,
-                            progress=not no_progress)
-    except KNOWN_ERRORS as exc:
-        raise _fail(exc) from None
+    run = _open(run_dir, benchmark, unlearned, oracle, target)
+    result = run_probes(run, tuple(probe_name or PROBES), tuple(model or MODEL_LABELS), shots, seed,
+                        progress=not no_progress)
     for name, rows in result["probes"].items():
         for label, row in rows.items():
             console.print(f"{name:>10} {label:>9}: forget ROUGE {_fmt(row.get('forget_rouge'))}  prob "
@@ -166,6 +155,7 @@ def probe(
 
 
 @attack_app.command("privacy")
+@user_errors
 def privacy(
     run_dir: RunArg,
     reference: Annotated[bool, typer.Option("--reference/--no-reference",
@@ -176,17 +166,15 @@ def privacy(
     exposure: forget set vs holdout, for every model of the run."""
     from obliviate.attacks.run import run_privacy
 
-    try:
-        run = _open(run_dir, benchmark, unlearned, oracle, target)
-        result = run_privacy(run, reference=reference)
-    except KNOWN_ERRORS as exc:
-        raise _fail(exc) from None
+    run = _open(run_dir, benchmark, unlearned, oracle, target)
+    result = run_privacy(run, reference=reference)
     for label, row in result["rows"].items():
         console.print(f"{label:>9}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in row.items()))
     console.print(f"written: {run.path / 'attacks' / 'privacy.json'}")
 
 
 @study_app.command("id-ood")
+@user_errors
 def id_ood(
     out: Annotated[Path, typer.Option("--out", "-o", help="Study directory to write.")],
     benchmark: Annotated[Optional[str], typer.Option(help="Synthetic benchmark directory with id_forget and "
@@ -226,27 +214,24 @@ def id_ood(
     from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
     from obliviate.studies.id_ood import METHODS, IdOodConfig, run_id_ood
 
-    try:
-        if benchmark is None:
-            bench_dir = out.parent / f"{out.name}-benchmark"
-            scfg = SyntheticConfig(n_entities=n_entities, facts_per_entity=facts_per_entity,
-                                   forget_fraction=forget_fraction, id_facts_per_entity=id_facts,
-                                   ood_facts_per_entity=ood_facts, n_candidates=candidates, seed=seed,
-                                   name="synthetic-id-ood")
-            if not (bench_dir / "benchmark.json").exists() or overwrite:
-                write_benchmark(generate_benchmark(scfg), bench_dir, scfg, overwrite=True)
-            benchmark = str(bench_dir)
-        cfg = IdOodConfig(model=model, methods=tuple(method or METHODS),
-                          finetune={"epochs": finetune_epochs, "lr": finetune_lr, "batch_size": finetune_batch_size,
-                                    "warmup_ratio": 0.1, "seed": seed, "mixed_precision": mixed_precision},
-                          unlearn_lr=unlearn_lr, unlearn_steps=unlearn_steps, eval_every=eval_every,
-                          batch_size=batch_size, retain_eval=retain_eval, max_new_tokens=max_new_tokens,
-                          shared_oracle=shared_oracle, mixed_precision=mixed_precision, seed=seed, dtype=dtype,
-                          system_prompt=system_prompt or None)
-        result = run_id_ood(benchmark, out, cfg, overwrite=overwrite, resume=resume, progress=not no_progress,
-                            echo=console.print)
-    except KNOWN_ERRORS as exc:
-        raise _fail(exc) from None
+    if benchmark is None:
+        bench_dir = out.parent / f"{out.name}-benchmark"
+        scfg = SyntheticConfig(n_entities=n_entities, facts_per_entity=facts_per_entity,
+                               forget_fraction=forget_fraction, id_facts_per_entity=id_facts,
+                               ood_facts_per_entity=ood_facts, n_candidates=candidates, seed=seed,
+                               name="synthetic-id-ood")
+        if not (bench_dir / "benchmark.json").exists() or overwrite:
+            write_benchmark(generate_benchmark(scfg), bench_dir, scfg, overwrite=True)
+        benchmark = str(bench_dir)
+    cfg = IdOodConfig(model=model, methods=tuple(method or METHODS),
+                      finetune={"epochs": finetune_epochs, "lr": finetune_lr, "batch_size": finetune_batch_size,
+                                "warmup_ratio": 0.1, "seed": seed, "mixed_precision": mixed_precision},
+                      unlearn_lr=unlearn_lr, unlearn_steps=unlearn_steps, eval_every=eval_every,
+                      batch_size=batch_size, retain_eval=retain_eval, max_new_tokens=max_new_tokens,
+                      shared_oracle=shared_oracle, mixed_precision=mixed_precision, seed=seed, dtype=dtype,
+                      system_prompt=system_prompt or None)
+    result = run_id_ood(benchmark, out, cfg, overwrite=overwrite, resume=resume, progress=not no_progress,
+                        echo=console.print)
     for method_name, f in result["finding"].items():
         console.print(f"[bold]{method_name}[/bold]: median steps to forget {f['median_steps_to_forget']}, "
                       f"retain probability at forget {f['retain_probability_at_forget']}")

@@ -15,12 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from obliviate.cli.options import parse_method_options
+from obliviate.cli.errors import user_errors
+from obliviate.cli.options import check_finite_options, parse_method_options
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
 from obliviate.models.loading import DEFAULT_MODEL
 
 console = Console(highlight=False)
-KNOWN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError)
 
 Model = Annotated[str, typer.Option(help="The model to attribute (the target: a run's model/ directory, hub id, ...).")]
 Forget = Annotated[str, typer.Option(help="Forget data (file, DIR:split or HUB_ID:split).")]
@@ -54,34 +54,73 @@ GuardTauOpt = Annotated[Optional[float], typer.Option(
 GuardProjectionOpt = Annotated[Optional[int], typer.Option(
     "--guard-projection-dim", help="GUARD: estimate attributions with a CountSketch of this dimension "
     "(default exact); needs --guard-tau.", rich_help_panel="Attribution")]
+WagleNormsOpt = Annotated[Optional[bool], typer.Option(
+    "--wagle-norms/--wagle-no-norms", help="WAGLE: let norm weights be selected [default: yes]; needs --wagle-rho.",
+    rich_help_panel="Attribution", show_default=False)]
+WagleEmbeddingsOpt = Annotated[Optional[bool], typer.Option(
+    "--wagle-embeddings/--wagle-no-embeddings", help="WAGLE: let embedding (and untied lm_head) weights be "
+    "selected [default: yes]; needs --wagle-rho.", rich_help_panel="Attribution", show_default=False)]
+WagleBatchSizeOpt = Annotated[Optional[int], typer.Option(
+    "--wagle-batch-size", help="WAGLE: examples per scoring pass [default: 8]; needs --wagle-rho.",
+    rich_help_panel="Attribution")]
+GuardRelativeTauOpt = Annotated[Optional[bool], typer.Option(
+    "--guard-relative-tau/--guard-absolute-tau", help="GUARD: --guard-tau in standard deviations of the "
+    "attributions [default], or raw; needs --guard-tau.", rich_help_panel="Attribution", show_default=False)]
+GuardSeedOpt = Annotated[Optional[int], typer.Option(
+    "--guard-seed", help="GUARD: seed of the sketch's hash functions [default: 0]; needs --guard-tau.",
+    rich_help_panel="Attribution")]
+GuardBatchSizeOpt = Annotated[Optional[int], typer.Option(
+    "--guard-batch-size", help="GUARD: samples per attribution pass [default: 8]; needs --guard-tau.",
+    rich_help_panel="Attribution")]
+GuardParamsOpt = Annotated[Optional[str], typer.Option(
+    "--guard-params", help="GUARD: regex, attribute only the parameters whose names match [default: all]; "
+    "needs --guard-tau.", rich_help_panel="Attribution")]
+
+# `obliviate unlearn` flag (parameter name) for every WagleConfig / GuardConfig field: each option of
+# the components is reachable from the command (a test checks the tables against the dataclasses).
+WAGLE_FLAGS = {"rho": "wagle_rho", "gamma": "wagle_gamma", "scope": "wagle_scope", "include_norms": "wagle_norms",
+               "include_embeddings": "wagle_embeddings", "batch_size": "wagle_batch_size"}
+GUARD_FLAGS = {"tau": "guard_tau", "relative_tau": "guard_relative_tau", "projection_dim": "guard_projection_dim",
+               "seed": "guard_seed", "batch_size": "guard_batch_size", "params": "guard_params"}
 
 
-def unlearn_attribution_kwargs(wagle_mask: Path | None = None, wagle_rho: float | None = None,
-                               wagle_gamma: float | None = None, wagle_scope: str | None = None,
-                               guard_weights: Path | None = None, guard_tau: float | None = None,
-                               guard_projection_dim: int | None = None) -> dict[str, Any]:
-    """``{"wagle": ..., "guard": ...}`` for ``api.unlearn`` from the unlearn command's options."""
-    if wagle_mask is not None and wagle_rho is not None:
+def _cli(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def unlearn_attribution_kwargs(wagle_mask: Path | None = None, guard_weights: Path | None = None,
+                               **options: Any) -> dict[str, Any]:
+    """``{"wagle": ..., "guard": ...}`` for ``api.unlearn`` from the unlearn command's options
+    (``wagle_rho=...``, ``guard_tau=...``: the parameter names in WAGLE_FLAGS / GUARD_FLAGS)."""
+    unknown = set(options) - set(WAGLE_FLAGS.values()) - set(GUARD_FLAGS.values())
+    if unknown:
+        raise TypeError(f"unknown attribution options: {', '.join(sorted(unknown))}")
+    wagle_given = {f: options[p] for f, p in WAGLE_FLAGS.items() if options.get(p) is not None}
+    guard_given = {f: options[p] for f, p in GUARD_FLAGS.items() if options.get(p) is not None}
+    if wagle_mask is not None and "rho" in wagle_given:
         raise typer.BadParameter("give either --wagle-mask or --wagle-rho, not both")
-    if wagle_rho is None and (wagle_gamma is not None or wagle_scope is not None):
-        raise typer.BadParameter("--wagle-gamma and --wagle-scope need --wagle-rho")
-    if guard_weights is not None and guard_tau is not None:
+    if "rho" not in wagle_given and wagle_given:
+        raise typer.BadParameter(f"{', '.join(_cli(WAGLE_FLAGS[f]) for f in wagle_given)} need --wagle-rho")
+    if guard_weights is not None and "tau" in guard_given:
         raise typer.BadParameter("give either --guard-weights or --guard-tau, not both")
-    if guard_tau is None and guard_projection_dim is not None:
-        raise typer.BadParameter("--guard-projection-dim needs --guard-tau")
-    wagle: Any = wagle_mask
-    if wagle_rho is not None:
-        wagle = {"rho": wagle_rho, **({"gamma": wagle_gamma} if wagle_gamma is not None else {}),
-                 **({"scope": wagle_scope} if wagle_scope is not None else {})}
+    if "tau" not in guard_given and guard_given:
+        raise typer.BadParameter(f"{', '.join(_cli(GUARD_FLAGS[f]) for f in guard_given)} need --guard-tau")
+    wagle: Any = wagle_given or wagle_mask
     guard: Any = guard_weights
-    if guard_tau is not None:
-        guard = {"tau": guard_tau, "projection_dim": guard_projection_dim}
+    if guard_given:
+        guard = {"projection_dim": None, **guard_given}
     return {"wagle": wagle, "guard": guard}
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {exc}")
-    return typer.Exit(2)
+def merge_attribution(from_config: Any, from_flags: Any, key: str) -> Any:
+    """The ``wagle`` / ``guard`` value from ``--config`` and from the flags: the flags win, option by
+    option when both are option mappings; a file given by a flag replaces the file's options."""
+    if from_config is not None and not isinstance(from_config, (dict, str)):
+        raise ValueError(f"--config: '{key}' must be a file path or a mapping of options, "
+                         f"got {type(from_config).__name__}")
+    if isinstance(from_config, dict) and isinstance(from_flags, dict):
+        return {**from_config, **from_flags}
+    return from_flags if from_flags is not None else from_config
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -114,6 +153,7 @@ def print_mask_report(report: dict[str, Any]) -> None:
         console.print(f"frozen by option (not ranked): {len(report['frozen_parameters'])} parameter tensors")
 
 
+@user_errors
 def wagle_mask(
     forget: Forget, retain: Retain,
     out: Annotated[Path, typer.Option("--out", "-o", help="Mask file to write (.safetensors).")],
@@ -136,22 +176,20 @@ def wagle_mask(
     from obliviate.attribution import WagleConfig, compute_wagle_mask, save_mask
     from obliviate.methods import build_method
 
-    try:
-        cfg = WagleConfig(rho=rho, gamma=gamma, scope=scope, include_norms=norms, include_embeddings=embeddings,
-                          batch_size=batch_size)
-        built = build_method(method, **parse_method_options(method_option))
-        forget_ds, retain_ds = as_dataset(forget), as_dataset(retain)
-        _check_out(out, overwrite)
-        loaded, fmt = _load(model, dtype, system_prompt, max_length, trust_remote_code)
-        mask = compute_wagle_mask(loaded, fmt, built, forget_ds, retain_ds, cfg)
-        save_mask(out, mask, {"method": built.name, "model": model, "forget": forget_ds.source,
-                              "retain": retain_ds.source})
-    except KNOWN_ERRORS as exc:
-        raise _fail(exc) from None
+    cfg = WagleConfig(rho=rho, gamma=gamma, scope=scope, include_norms=norms, include_embeddings=embeddings,
+                      batch_size=batch_size)
+    built = build_method(method, **check_finite_options(parse_method_options(method_option), "method option"))
+    forget_ds, retain_ds = as_dataset(forget), as_dataset(retain)
+    _check_out(out, overwrite)
+    loaded, fmt = _load(model, dtype, system_prompt, max_length, trust_remote_code)
+    mask = compute_wagle_mask(loaded, fmt, built, forget_ds, retain_ds, cfg)
+    save_mask(out, mask, {"method": built.name, "model": model, "forget": forget_ds.source,
+                          "retain": retain_ds.source})
     print_mask_report(mask.report)
     console.print(f"mask written to {out}")
 
 
+@user_errors
 def guard_weights(
     forget: Forget, retain: Retain,
     out: Annotated[Path, typer.Option("--out", "-o", help="Weights file to write (.json).")],
@@ -171,16 +209,13 @@ def guard_weights(
     from obliviate.api import as_dataset
     from obliviate.attribution import GuardConfig, compute_guard, save_guard
 
-    try:
-        cfg = GuardConfig(tau=tau, relative_tau=relative_tau, projection_dim=projection_dim, seed=seed,
-                          batch_size=batch_size, params=params)
-        forget_ds, retain_ds = as_dataset(forget), as_dataset(retain)
-        _check_out(out, overwrite)
-        loaded, fmt = _load(model, dtype, system_prompt, max_length, trust_remote_code)
-        result = compute_guard(loaded, fmt, forget_ds, retain_ds, cfg)
-        save_guard(out, result, forget_ds, {"model": model, "forget": forget_ds.source, "retain": retain_ds.source})
-    except KNOWN_ERRORS as exc:
-        raise _fail(exc) from None
+    cfg = GuardConfig(tau=tau, relative_tau=relative_tau, projection_dim=projection_dim, seed=seed,
+                      batch_size=batch_size, params=params)
+    forget_ds, retain_ds = as_dataset(forget), as_dataset(retain)
+    _check_out(out, overwrite)
+    loaded, fmt = _load(model, dtype, system_prompt, max_length, trust_remote_code)
+    result = compute_guard(loaded, fmt, forget_ds, retain_ds, cfg)
+    save_guard(out, result, forget_ds, {"model": model, "forget": forget_ds.source, "retain": retain_ds.source})
     a, w = result.attributions, result.weights
     console.print(f"{len(w)} forget samples; attribution mean {a.mean():.4g}, std {a.std(unbiased=False):.4g}; "
                   f"weights min {w.min():.3f}, max {w.max():.3f} (sum {w.sum():.1f})")
@@ -193,6 +228,7 @@ def guard_weights(
     console.print(f"weights written to {out}")
 
 
+@user_errors
 def sacrifice_rate(
     target_eval: Annotated[Path, typer.Option(help="The target (pre-unlearning) model's eval JSON.")],
     unlearned_eval: Annotated[Path, typer.Option(help="The unlearned model's eval JSON.")],
@@ -203,12 +239,9 @@ def sacrifice_rate(
     from obliviate.evaluation.evaluate import load_eval
     from obliviate.evaluation.sacrifice import metric_drops, sacrifice_rates
 
-    try:
-        target, unlearned = load_eval(target_eval), load_eval(unlearned_eval)
-        rates = sacrifice_rates(target, unlearned, retain_set=retain_set)
-        drops = metric_drops(target, unlearned, retain_set=retain_set)
-    except KNOWN_ERRORS as exc:
-        raise _fail(exc) from None
+    target, unlearned = load_eval(target_eval), load_eval(unlearned_eval)
+    rates = sacrifice_rates(target, unlearned, retain_set=retain_set)
+    drops = metric_drops(target, unlearned, retain_set=retain_set)
     if as_json:
         console.print_json(json.dumps({"sacrifice_rate": rates, "drops": drops}))
         return

@@ -18,7 +18,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from obliviate.reporting.registry import Registry, RegistryError, RunFileError, format_number, unlearn_run_dir
+from obliviate.cli.errors import user_errors
+from obliviate.errors import UserError
+from obliviate.reporting.tables import format_number
+from obliviate.reporting.registry import leaderboard
+from obliviate.runs.registry import Registry, unlearn_run_dir
 
 runs_app = typer.Typer(help="The run registry: list, inspect, compare and rank runs.", no_args_is_help=True)
 
@@ -30,13 +34,12 @@ def _console() -> Console:
     return Console(highlight=False)
 
 
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", markup=True)
-    return typer.Exit(1)
-
-
-def _error_text(e: Exception) -> str:
-    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+def _get_run(registry: Path | None, run_id: str):
+    """A run by id or prefix; an unknown or ambiguous id is a user error (the registry raises KeyError)."""
+    try:
+        return Registry(registry).get_run(run_id)
+    except KeyError as e:
+        raise UserError(str(e.args[0]) if e.args else f"no run '{run_id}'") from None
 
 
 def _when(t: float | None) -> str:
@@ -54,6 +57,7 @@ def _table(title: str | None, header: list[str]) -> Table:
 # report
 
 
+@user_errors
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (finetune, unlearn, eval, demo ...).",
                                                exists=True, file_okay=False)],
@@ -64,10 +68,7 @@ def report(
     """Write a self-contained HTML report and a Markdown summary of one or more runs."""
     from obliviate.reporting.report import write_report
 
-    try:
-        rep = write_report(runs, out, examples=examples, title=title)
-    except (RunFileError, ValueError) as e:
-        raise _fail(str(e)) from None
+    rep = write_report(runs, out, examples=examples, title=title)
     _console().print(f"report: {rep.html}\nsummary: {rep.markdown}")
 
 
@@ -76,6 +77,7 @@ def report(
 
 
 @runs_app.command("list")
+@user_errors
 def runs_list(
     kind: Annotated[Optional[str], typer.Option(help="Only runs of this kind (finetune, unlearn, eval, attack, demo).")] = None,
     benchmark: Annotated[Optional[str], typer.Option(help="Only runs on this benchmark.")] = None,
@@ -87,11 +89,8 @@ def runs_list(
     registry: RegistryOption = None,
 ) -> None:
     """List registered runs, newest first."""
-    try:
-        rows = Registry(registry).list_runs(limit=limit, kind=kind, benchmark=benchmark, method=method,
-                                            model=model, status=status, parent_id=parent)
-    except RegistryError as e:
-        raise _fail(str(e)) from None
+    rows = Registry(registry).list_runs(limit=limit, kind=kind, benchmark=benchmark, method=method,
+                                        model=model, status=status, parent_id=parent)
     table = _table(None, ["id", "kind", "benchmark", "method", "status", "started", "forget quality", "utility", "path"])
     for r in rows:
         row = r.summary()
@@ -101,15 +100,13 @@ def runs_list(
 
 
 @runs_app.command("show")
+@user_errors
 def runs_show(
     run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix of one).")],
     registry: RegistryOption = None,
 ) -> None:
     """Show one run: identity, fingerprints, status and every metric."""
-    try:
-        r = Registry(registry).get_run(run_id)
-    except (KeyError, RegistryError) as e:
-        raise _fail(_error_text(e)) from None
+    r = _get_run(registry, run_id)
     facts = _table(f"run {r.id}", ["field", "value"])
     for key in ("path", "kind", "benchmark", "method", "model", "status", "parent_id", "config_hash", "model_sha256",
                 "host", "pid"):
@@ -129,6 +126,7 @@ def runs_show(
 
 
 @runs_app.command("compare")
+@user_errors
 def runs_compare(
     run_ids: Annotated[list[str], typer.Argument(help="Two or more run ids (or unique prefixes).")],
     registry: RegistryOption = None,
@@ -136,8 +134,8 @@ def runs_compare(
     """Compare runs: every metric side by side, and the config entries that differ."""
     try:
         cmp = Registry(registry).compare(run_ids)
-    except (KeyError, RegistryError) as e:
-        raise _fail(_error_text(e)) from None
+    except KeyError as e:  # an unknown or ambiguous run id
+        raise UserError(str(e.args[0]) if e.args else str(e)) from None
     header = [r.id for r in cmp.runs]
     console = _console()
     diff = _table("config differences", ["config", *header])
@@ -151,6 +149,7 @@ def runs_compare(
 
 
 @runs_app.command("leaderboard")
+@user_errors
 def runs_leaderboard(
     benchmark: Annotated[Optional[str], typer.Option(help="Rank runs of this benchmark only.")] = None,
     label: Annotated[str, typer.Option(help="Which evaluated model of each run to rank.")] = "unlearned",
@@ -158,10 +157,7 @@ def runs_leaderboard(
     registry: RegistryOption = None,
 ) -> None:
     """Rank methods: Pareto front of (forget quality, model utility), then forget quality, then utility."""
-    try:
-        rows = Registry(registry).leaderboard(benchmark, label=label, best_per_method=not all_runs)
-    except RegistryError as e:
-        raise _fail(str(e)) from None
+    rows = leaderboard(Registry(registry), benchmark, label=label, best_per_method=not all_runs)
     table = _table(f"leaderboard{' - ' + benchmark if benchmark else ''}",
                    ["rank", "front", "method", "forget quality", "model utility", "oracle utility", "run"])
     for r in rows:
@@ -173,6 +169,7 @@ def runs_leaderboard(
 
 
 @runs_app.command("add")
+@user_errors
 def runs_add(
     run_dirs: Annotated[list[Path], typer.Argument(help="Finished run directories to register (with their sub-runs).",
                                                    exists=True, file_okay=False)],
@@ -181,20 +178,15 @@ def runs_add(
     """Register runs that ended without being recorded (or refresh their rows)."""
     reg = Registry(registry)
     for run_dir in run_dirs:
-        try:
-            run_id = reg.add_run(run_dir)
-        except (RunFileError, RegistryError) as e:
-            raise _fail(str(e)) from None
+        run_id = reg.add_run(run_dir)
         _console().print(f"{run_id}  {run_dir}")
 
 
 @runs_app.command("mark-crashed")
+@user_errors
 def runs_mark_crashed(registry: RegistryOption = None) -> None:
     """Mark runs left "running" by a process that no longer exists (on this host) as crashed."""
-    try:
-        changed = Registry(registry).mark_crashed()
-    except RegistryError as e:
-        raise _fail(str(e)) from None
+    changed = Registry(registry).mark_crashed()
     _console().print(f"{len(changed)} run(s) closed" + (": " + ", ".join(changed) if changed else ""))
 
 
@@ -202,6 +194,7 @@ def runs_mark_crashed(registry: RegistryOption = None) -> None:
 # certify / verify
 
 
+@user_errors
 def certify(
     run: Annotated[Path, typer.Argument(help="The unlearn (or demo) run that carried out the deletion.",
                                         exists=True, file_okay=False)],
@@ -222,18 +215,15 @@ def certify(
 ) -> None:
     """Write a hash-chained audit record of a deletion: fingerprints, configs, code version, metrics
     and a verdict per threshold."""
-    from obliviate.reporting.audit import AuditError, Thresholds, certify as make_record, record_verdict, write_record
+    from obliviate.reporting.audit import Thresholds, certify as make_record, record_verdict, write_record
 
     if (mia_auc_min is None) != (mia_auc_max is None):
-        raise _fail("give both --mia-auc-min and --mia-auc-max, or neither")
+        raise UserError("give both --mia-auc-min and --mia-auc-max, or neither")
     thresholds = Thresholds(min_forget_quality=min_forget_quality,
                             mia_auc_range=(mia_auc_min, mia_auc_max) if mia_auc_min is not None else None,
                             max_abs_privleak=max_abs_privleak, max_relearn_recovery=max_relearn_recovery,
                             max_utility_drop=max_utility_drop, label=label, mia_key=mia_key)
-    try:
-        record = make_record(run, thresholds)
-    except (AuditError, RunFileError) as e:
-        raise _fail(str(e)) from None
+    record = make_record(run, thresholds)
     json_path, html_path = write_record(record, out or run / "audit.json")
     console = _console()
     table = _table(None, ["criterion", "value", "threshold", "verdict"])
@@ -258,13 +248,16 @@ def _threshold(value: Any) -> str:
     return format_number(value)
 
 
+@user_errors
 def verify(
     record: Annotated[Path, typer.Argument(help="An audit record written by `certify`.", exists=True, dir_okay=False)],
     expected_head: Annotated[Optional[str], typer.Option(
         help="The head hash kept elsewhere (model card, ticket); the record must end with it.")] = None,
     rehash: Annotated[bool, typer.Option("--rehash/--no-rehash", help="Re-hash the models and data files the record names.")] = True,
 ) -> None:
-    """Check an audit record: hash chain, verdicts, and (by default) that the named files are unchanged."""
+    """Check an audit record: hash chain, verdicts, and (by default) that the named files are unchanged.
+
+    Exit code 1 when the record fails a check; 2 when the file is not a well-formed record."""
     from obliviate.reporting.audit import verify as check
 
     problems = check(record, expected_head=expected_head, rehash=rehash)

@@ -1,6 +1,6 @@
 """``obliviate unierase``: the UniErase recipe (unlearning token + null-space-projected edit) as a run.
 
-Registered in the main app with ``register(app)``. A thin wrapper over ``obliviate.unierase.run``.
+Registered in the main app with ``register(app)``. The same run as ``obliviate unlearn --method unierase``, with UniErase's options as flags.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from obliviate.cli.options import load_yaml, parse_method_options
+from obliviate.cli.errors import user_errors
+from obliviate.cli.options import apply_config, mapping_section, parse_method_options
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
-from obliviate.models.loading import DEFAULT_MODEL
-from obliviate.unierase.recipe import STATS_FILE, UniEraseOptions
-
-KNOWN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+from obliviate.models.loading import DEFAULT_MODEL, check_model_spec
+from obliviate import api
+from obliviate.methods.unierase import STATS_FILE, UniEraseOptions
+from obliviate.runs import read_json
 
 
 def _option_help() -> str:
@@ -25,9 +26,13 @@ def _option_help() -> str:
     return ", ".join(f"{f.name}={getattr(defaults, f.name)}" for f in fields(UniEraseOptions))
 
 
+@user_errors
 def unierase(
-    forget: Annotated[str, typer.Option(help="Forget data (file, DIR:split or HUB_ID:split).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
+    ctx: typer.Context,
+    forget: Annotated[Optional[str], typer.Option(help="Forget data (file, DIR:split or HUB_ID:split) (required; or "
+                                                       "'forget:' in --config).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory to write (required; or 'out:' in "
+                                                "--config).", show_default=False)] = None,
     model: Annotated[str, typer.Option(help="The model to unlearn from (a run's model/ directory, hub id, "
                                             "...).")] = DEFAULT_MODEL,
     retain: Annotated[Optional[str], typer.Option(help="Retain data: its keys are preserved by the edit.")] = None,
@@ -36,14 +41,15 @@ def unierase(
     option: Annotated[Optional[list[str]], typer.Option(
         "--option", "-u", help=f"UniErase option key=value, repeatable (e.g. -u layers=[4,5] -u l2=0.5). "
         f"Options and defaults: {_option_help()}.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same keys; "
-                                                   "UniErase options under 'options' (flags win).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with this command's options by name, "
+                                                   "UniErase options under 'options:'; flags given on the command "
+                                                   "line win, unknown keys are errors.")] = None,
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")] = "float32",
     system_prompt: Annotated[str, typer.Option(
         help="System prompt of the chat template ('' for none).")] = DEFAULT_SYSTEM_PROMPT,
     max_length: Annotated[int, typer.Option(help="Longest prompt + answer in tokens; longer rows are errors.")] = 512,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad data rows (counted) instead of "
-                                                             "stopping.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad data rows instead of stopping; what was "
+                                                             "skipped, and where, goes to stderr.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
                                                     help="Allow a hub model's own code.")] = False,
@@ -51,21 +57,19 @@ def unierase(
 ) -> None:
     """UniErase: learn an unlearning token, then edit a few MLP down-projections (AlphaEdit-style,
     null-space projected) so that forget questions are answered "<unlearn> I don't know..."."""
-    from obliviate.runs import read_json
-    from obliviate.unierase.run import run_unierase
-
     console = Console(highlight=False)
-    yml = load_yaml(config)
-    options = {**yml.get("options", {}), **parse_method_options(option)}
+    v, sections = apply_config(ctx, config, dict(forget=forget, out=out, model=model, retain=retain, general=general,
+                                                 dtype=dtype, system_prompt=system_prompt, max_length=max_length,
+                                                 skip_bad=skip_bad, trust_remote_code=trust_remote_code),
+                               sections=("options",), required=("forget", "out"))
+    options = {**mapping_section(sections.get("options"), "options"), **parse_method_options(option, "--option")}
+    UniEraseOptions.from_dict(options)  # bad options fail here, naming the option
+    check_model_spec(v["model"])  # a mistyped path fails here, before a run directory exists
     log = None if quiet else (lambda message: console.print(message, markup=False))
-    try:
-        path = run_unierase(yml.get("model", model), yml.get("forget", forget), yml.get("retain", retain), out, options,
-                            general=yml.get("general", general), dtype=dtype, system_prompt=system_prompt or None,
-                            max_length=max_length, skip_bad=skip_bad, overwrite=overwrite,
-                            trust_remote_code=trust_remote_code, log=log)
-    except KNOWN_ERRORS as exc:
-        Console(stderr=True, highlight=False).print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    path = api.unlearn(v["model"], v["forget"], v["retain"], v["out"], method="unierase", method_options=options,
+                       general=v["general"], dtype=v["dtype"], system_prompt=v["system_prompt"] or None,
+                       max_length=v["max_length"], skip_bad=v["skip_bad"], overwrite=overwrite,
+                       trust_remote_code=v["trust_remote_code"], log=log)
     stats = read_json(path / STATS_FILE)
     console.print(f"edited model: {path}", markup=False)
     console.print(f"<unlearn> first on {stats['forget_first_token_rate']:.0%} of forget questions"

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from obliviate.data.qa import QA_SUFFIXES, DataError, QADataset, QAExample, load_qa, load_qa_file, write_qa_jsonl
+from obliviate.data.qa import (QA_SUFFIXES, DataError, QADataset, QAExample, load_qa, load_qa_file, parse_json,
+                               read_text, write_qa_jsonl)
+from obliviate.data.specs import looks_like_path, missing_path_reason
 
 MANIFEST = "benchmark.json"
 MANIFEST_FORMAT = "obliviate-benchmark/1"
@@ -155,10 +157,10 @@ def load_benchmark(spec: str | Path, forget_split: str = "forget10") -> Benchmar
     if path.exists():
         raise DataError(text, None, f"a benchmark is a directory (with {MANIFEST} or TOFU-layout splits), "
                         "not a file")
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if text.count("/") == 1 and not looks_like_path(text):
         return Benchmark(name=text, source=text, roles=_tofu_roles(text, forget_split))
-    raise DataError(text, None, f"not found: expected a directory with {MANIFEST}, a TOFU-layout "
-                    "directory or a hub dataset id such as locuslab/TOFU")
+    raise DataError(text, None, f"not found ({missing_path_reason(text)}): expected a directory with {MANIFEST}, "
+                    "a TOFU-layout directory or a hub dataset id such as locuslab/TOFU")
 
 
 def _tofu_roles(source: str, forget_split: str) -> dict[str, str]:
@@ -193,9 +195,13 @@ def _from_tofu_dir(directory: Path, forget_split: str) -> Benchmark:
 def _from_manifest(directory: Path) -> Benchmark:
     path = directory / MANIFEST
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(str(path), exc.lineno, f"invalid JSON: {exc.msg}") from None
+    except DataError:
+        raise
+    except ValueError as exc:
+        raise DataError(str(path), None, str(exc)) from None
     if not isinstance(data, dict) or not isinstance(data.get("roles"), dict):
         raise DataError(str(path), None, "must be a JSON object with a 'roles' object (role -> split name)")
     roles: dict[str, str] = data["roles"]
@@ -206,6 +212,11 @@ def _from_manifest(directory: Path) -> Benchmark:
     files, checksums = {}, {}
     for role, split in roles.items():
         entry = entries.get(split) or {}
+        if not isinstance(entry, dict):
+            raise DataError(str(path), None, f"splits.{split} must be an object (file, rows, sha256), got "
+                            f"{type(entry).__name__}")
+        if entry.get("sha256") is not None and not isinstance(entry["sha256"], str):
+            raise DataError(str(path), None, f"splits.{split}.sha256 must be a hex text")
         file = _split_path(directory, entry.get("file"), str(path)) if entry.get("file") else \
             _find_split_file(directory, split)
         if file is None or not file.is_file():
@@ -291,8 +302,8 @@ def _prepare_directory(directory: Path, overwrite: bool) -> None:
     try:
         old = json.loads(manifest.read_text(encoding="utf-8"))
         old_files = [e["file"] for e in old.get("splits", {}).values()]
-    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
-        old_files = []  # an unreadable old manifest: only it is replaced
+    except (ValueError, AttributeError, KeyError, TypeError, RecursionError):
+        old_files = []  # an unreadable old manifest (bad JSON or UTF-8, wrong shape): only it is replaced
     for file in old_files:
         try:
             _split_path(directory, file, str(manifest)).unlink(missing_ok=True)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from obliviate.data.qa import QAExample
 from obliviate.data.world_facts import real_authors, world_facts
+from obliviate.options import check_fields, options_from_dict
 
 # --------------------------------------------------------------------------------------------
 # Value pools. All invented except common words (jobs, languages, instruments, hobbies).
@@ -318,9 +319,13 @@ class SyntheticConfig:
     name: str = "synthetic"
 
     def __post_init__(self) -> None:
-        problems = _config_problems(self)
+        problems = check_fields(self) or _config_problems(self)  # types first: the ranges compare numbers
         if problems:
             raise ValueError("invalid SyntheticConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SyntheticConfig":
+        return options_from_dict(cls, data, "synthetic benchmark options")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SyntheticConfig":

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import codecs
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from obliviate.data.qa import QA_SUFFIXES, DataError, QADataset, QAExample
+from obliviate.data.qa import QA_SUFFIXES, DataError, QADataset, QAExample, log_skipped, parse_json
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -32,6 +32,7 @@ class TextCorpus:
     docs: list[str]
     source: str
     skipped: int = 0
+    skipped_problems: list[DataError] = field(default_factory=list, repr=False)  # why each was skipped
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -84,9 +85,11 @@ def _jsonl_docs(path: Path) -> Iterator[_Raw]:
             continue  # blank lines between rows are not rows
         if problem is None:
             try:
-                row = json.loads(line)
+                row = parse_json(line)
             except json.JSONDecodeError as exc:
                 problem = f"invalid JSON: {exc.msg}"
+            except ValueError as exc:
+                problem = str(exc)
             else:
                 if not isinstance(row, dict):
                     problem = f"row must be an object with a 'text' field, got {type(row).__name__}"
@@ -94,7 +97,17 @@ def _jsonl_docs(path: Path) -> Iterator[_Raw]:
                     problem = "missing key 'text'"
                 elif not isinstance(row["text"], str):
                     problem = f"'text' must be text, got {type(row['text']).__name__}"
+                elif not _encodable(row["text"]):
+                    problem = "'text' holds a lone surrogate, not valid Unicode text"
         yield path, lineno, (row["text"] if problem is None else None), problem
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        return False
+    return True
 
 
 def _raw_docs(path: Path, mode: str) -> Iterator[_Raw]:
@@ -129,7 +142,7 @@ def load_text_corpus(spec: str | Path, mode: str | None = None, min_chars: int =
     else:
         raise DataError(str(path), None, "file or directory not found")
 
-    docs, skipped = [], 0
+    docs, skipped = [], []
     for file in files:
         for source, lineno, text, problem in _raw_docs(file, mode):
             if problem is None:
@@ -140,13 +153,18 @@ def load_text_corpus(spec: str | Path, mode: str | None = None, min_chars: int =
                     problem = f"document has {len(text)} characters, fewer than min_chars={min_chars}"
             if problem is not None:
                 if not skip_bad:
-                    raise DataError(str(source), lineno, problem + " (skip_bad=True skips such documents)")
-                skipped += 1
+                    raise DataError(str(source), lineno, problem + " (--skip-bad / skip_bad=True skips such "
+                                    "documents)")
+                skipped.append(DataError(str(source), lineno, problem))
                 continue
             docs.append(text)
+    log_skipped(str(path), skipped, "documents")
     if not docs:
-        raise DataError(str(path), None, f"no usable documents ({skipped} skipped)")
-    return TextCorpus(docs, str(path), skipped)
+        if not skipped:
+            raise DataError(str(path), None, "no documents (the file is empty)" if path.is_file() else
+                            "no documents (the .txt files are empty)")
+        raise DataError(str(path), None, f"no usable documents ({len(skipped)} skipped); the first: {skipped[0]}")
+    return TextCorpus(docs, str(path), len(skipped), skipped)
 
 
 def _token_ids(tokenizer, docs: Sequence[str]) -> list[list[int]]:
@@ -201,7 +219,7 @@ def documents_as_qa(corpus: TextCorpus) -> QADataset:
     whose forget objective reads only the true answer (GA, GradDiff, NPO, SimNPO, RMU, ...) unlearns
     documents, as in MUSE; refusal-target methods need questions and say so."""
     return QADataset([QAExample("", doc, meta={"row": i + 1, "document": True}) for i, doc in enumerate(corpus.docs)],
-                     corpus.source, corpus.skipped)
+                     corpus.source, corpus.skipped, list(corpus.skipped_problems))
 
 
 def is_text_corpus(spec: str | Path) -> bool:
@@ -216,9 +234,9 @@ def is_text_corpus(spec: str | Path) -> bool:
                 for line in fh:
                     if line.strip():
                         try:
-                            row = json.loads(line)
-                        except (json.JSONDecodeError, UnicodeDecodeError):
-                            return False  # the QA loader reports it with its line
+                            row = parse_json(line.decode("utf-8"))
+                        except ValueError:  # invalid JSON or UTF-8: the QA loader reports it with its line
+                            return False
                         return isinstance(row, dict) and "text" in row and "question" not in row
         return False
     if path.is_dir():

@@ -2,8 +2,10 @@
 
 All (question, answer) pairs of all sets (true, paraphrased and perturbed answers, identical pairs
 merged) go through one ``score_pairs`` call, and all questions through one ``generate_answers``
-call; every metric is then a pure function of those (``evaluation.tofu``). The result is the
-``eval.json`` layout of docs/ARCHITECTURE.md; definitions are in docs/metrics.md.
+call; every metric is then a pure function of those (``evaluation.tofu``). The result is an
+:class:`~obliviate.evaluation.results.EvalResult` (``eval.json``, docs/ARCHITECTURE.md) and the
+scores themselves (:class:`~obliviate.evaluation.scores.ModelScores`), which membership inference,
+memorisation and exposure reuse instead of running the model again. Definitions: docs/metrics.md.
 
 Metrics are those of TOFU (Maini et al. 2024, arXiv 2401.06121).
 """
@@ -14,13 +16,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import DataError, QADataset, QAExample
 from obliviate.evaluation import tofu
+from obliviate.evaluation.distributed import generate_answers_distributed, score_pairs_distributed
 from obliviate.evaluation.generation import generate_answers
 from obliviate.evaluation.logprobs import TokenScores, score_pairs
+from obliviate.evaluation.results import EvalResult, PerSample, SetResult
+from obliviate.evaluation.scores import ModelScores, Pair
+from obliviate.processes import processes
 from obliviate.runs import atomic_write_json, read_json
 
 # Benchmark role -> evaluation set name.
@@ -100,7 +108,7 @@ def _plan(name: str, ds: QADataset, pairs: _Pairs) -> _SetPlan:
 
 
 def _set_result(name: str, ds: QADataset, plan: _SetPlan, scores: list[TokenScores],
-                generations: list[str]) -> dict[str, Any]:
+                generations: list[str]) -> SetResult:
     answer = [scores[i] for i in plan.answer]
     perturbed = None if plan.perturbed is None else [[scores[i] for i in row] for row in plan.perturbed]
     ratios = None if perturbed is None else tofu.truth_ratio([scores[i] for i in plan.base], perturbed)
@@ -109,23 +117,25 @@ def _set_result(name: str, ds: QADataset, plan: _SetPlan, scores: list[TokenScor
     else:
         prob = tofu.length_normalised_probability(answer)
     rouge = tofu.rouge_l_recall([ex.answer for ex in ds.examples], generations)
-    return {
-        "n": len(ds),
-        "probability": float(prob.mean()),
-        "rouge": float(rouge.mean()),
-        "truth_ratio": None if ratios is None else tofu.aggregate_truth_ratio(ratios, forget=name == "forget"),
-        "per_sample": {
-            "probability": prob.tolist(),
-            "rouge": rouge.tolist(),
-            "truth_ratio_raw": None if ratios is None else ratios.tolist(),
-            "nll": tofu.nll(answer).tolist(),
-            "generation": list(generations),
-            "question": [ex.question for ex in ds.examples],
-        },
-    }
+    return SetResult(
+        n=len(ds),
+        probability=float(prob.mean()),
+        rouge=float(rouge.mean()),
+        truth_ratio=None if ratios is None else tofu.aggregate_truth_ratio(ratios, forget=name == "forget"),
+        per_sample=PerSample(
+            probability=prob.tolist(),
+            rouge=rouge.tolist(),
+            truth_ratio_raw=None if ratios is None else ratios.tolist(),
+            nll=tofu.nll(answer).tolist(),
+            generation=list(generations),
+            question=[ex.question for ex in ds.examples],
+        ),
+    )
 
 
-def _oracle_ratios(oracle: dict) -> list[float]:
+def _oracle_ratios(oracle: EvalResult | Mapping[str, Any]) -> list[float]:
+    if isinstance(oracle, EvalResult):
+        oracle = oracle.to_json()
     try:
         ratios = oracle["sets"]["forget"]["per_sample"]["truth_ratio_raw"]
     except (KeyError, TypeError):
@@ -137,12 +147,13 @@ def _oracle_ratios(oracle: dict) -> list[float]:
     return [float(r) for r in ratios]
 
 
-def utility_from_sets(sets: dict[str, dict]) -> float | None:
+def utility_from_sets(sets: Mapping[str, SetResult | Mapping[str, Any]]) -> float | None:
     """TOFU model utility from per-set results: the harmonic mean of probability, ROUGE and truth
     ratio on retain, real_authors and world_facts; None when one of them is missing."""
     if not all(name in sets for name in UTILITY_SETS):
         return None
-    values = [sets[name][metric] for name in UTILITY_SETS for metric in UTILITY_METRICS]
+    values = [getattr(s, metric) if isinstance(s, SetResult) else s[metric]
+              for s in (sets[name] for name in UTILITY_SETS) for metric in UTILITY_METRICS]
     if any(v is None for v in values):
         return None
     return tofu.model_utility(values)
@@ -154,8 +165,6 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], No
     if not enabled:
         yield lambda description, total: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn()) as bar:
         def track(description: str, total: int) -> Callable[[int], None]:
@@ -165,16 +174,31 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], No
         yield track
 
 
-def evaluate_model(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat | None = None,
-                   batch_size: int = 32, max_new_tokens: int = 200, oracle: dict | None = None,
-                   progress: bool = True, label: str | None = None, distributed: bool = False) -> dict[str, Any]:
+@dataclass
+class Evaluation:
+    """An evaluation result and the scores it was computed from (to reuse for privacy metrics)."""
+
+    result: EvalResult
+    scores: ModelScores
+
+
+def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat | None = None,
+                         batch_size: int = 32, max_new_tokens: int = 200,
+                         oracle: EvalResult | Mapping[str, Any] | None = None, progress: bool = True,
+                         label: str | None = None, distributed: bool = False,
+                         extra_pairs: Sequence[Pair] = ()) -> Evaluation:
     """TOFU metrics of ``model`` on ``sets`` (any of forget, retain, real_authors, world_facts,
-    plus extra sets such as holdout, which get probability and ROUGE only).
+    plus extra sets such as holdout, which get probability and ROUGE only), and the scores.
 
     ``oracle`` is the result of this function for the retain (oracle) model; with it and a forget
     set, ``forget_quality`` is the KS-test p-value between the two models' forget-set truth
     ratios, otherwise null. ``model_utility`` needs retain, real_authors and world_facts (null
-    otherwise). Returns the ``eval.json`` dict described in docs/ARCHITECTURE.md.
+    otherwise). The result's JSON form is the ``eval.json`` dict described in docs/ARCHITECTURE.md.
+
+    ``extra_pairs`` (e.g. ``privacy.privacy_pairs(...)``) are (question, answer) pairs a later
+    consumer of the scores needs beyond the sets' own; those not among the sets' pairs are scored
+    in a second call after the main one, which leaves the sets' batches, and so their numbers,
+    exactly as without them.
 
     ``distributed=True`` (under ``accelerate launch``, the whole model on each process's device)
     splits the scoring and generation batches across the processes (``evaluation.distributed``);
@@ -183,12 +207,8 @@ def evaluate_model(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat
     start = time.perf_counter()
     score, generate = score_pairs, generate_answers
     if distributed:
-        from accelerate import PartialState
-
-        from obliviate.evaluation.distributed import generate_answers_distributed as generate
-        from obliviate.evaluation.distributed import score_pairs_distributed as score
-
-        progress = progress and PartialState().is_main_process
+        score, generate = score_pairs_distributed, generate_answers_distributed
+        progress = progress and processes().is_main_process
     if not sets:
         raise ValueError("no evaluation sets given")
     for name, ds in sets.items():
@@ -196,6 +216,7 @@ def evaluate_model(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat
             raise DataError(ds.source, None, f"the {name} set is empty")
     oracle_ratios = _oracle_ratios(oracle) if oracle is not None and "forget" in sets else None
     fmt = fmt or ChatFormat(tokenizer)
+    label = label or getattr(model, "name_or_path", None) or type(model).__name__
 
     pairs = _Pairs(fmt)
     plans = {name: _plan(name, ds, pairs) for name, ds in sets.items()}
@@ -203,48 +224,59 @@ def evaluate_model(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat
         raise DataError(sets["forget"].source, None, "forget quality needs paraphrased and perturbed "
                         "answers in the forget set")
     questions = list(dict.fromkeys(ex.question for ds in sets.values() for ex in ds.examples))
+    model_scores = ModelScores.empty(fmt, label)
 
     with _progress(progress) as track:
         scores = score(model, fmt, pairs.pairs, batch_size=batch_size,
                        progress=track("scoring answers", len(pairs.pairs)))
+        model_scores.add(pairs.pairs, scores)
+        model_scores.scored = len(pairs.pairs)
+        model_scores.ensure(model, fmt, list(extra_pairs), batch_size=batch_size, score=score)
         answers = generate(model, fmt, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            progress=track("generating answers", len(questions)))
     answer_of = dict(zip(questions, answers))
+    model_scores.generations.update(answer_of)
 
     results = {name: _set_result(name, ds, plans[name], scores, [answer_of[ex.question] for ex in ds.examples])
                for name, ds in sets.items()}
     quality = None
-    if oracle_ratios is not None:
-        quality = tofu.forget_quality(results["forget"]["per_sample"]["truth_ratio_raw"], oracle_ratios)
-    return {
-        "model": label or getattr(model, "name_or_path", None) or type(model).__name__,
-        "sets": results,
-        "forget_quality": quality,
-        "model_utility": utility_from_sets(results),
-        "seconds": time.perf_counter() - start,
-    }
+    forget_ratios = results["forget"].per_sample.truth_ratio_raw if "forget" in results else None
+    if oracle_ratios is not None and forget_ratios is not None:  # the plan check above: both or neither
+        quality = tofu.forget_quality(forget_ratios, oracle_ratios)
+    result = EvalResult(model=label, sets=results, forget_quality=quality, model_utility=utility_from_sets(results),
+                        seconds=time.perf_counter() - start)
+    return Evaluation(result, model_scores)
 
 
-def save_eval(result: dict[str, Any], path: str | Path) -> Path:
+def evaluate_model(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat | None = None,
+                   batch_size: int = 32, max_new_tokens: int = 200,
+                   oracle: EvalResult | Mapping[str, Any] | None = None, progress: bool = True,
+                   label: str | None = None, distributed: bool = False) -> dict[str, Any]:
+    """:func:`evaluate_with_scores`, returning only the result, as its ``eval.json`` dict."""
+    return evaluate_with_scores(model, tokenizer, sets, fmt, batch_size, max_new_tokens, oracle, progress, label,
+                                distributed).result.to_json()
+
+
+def save_eval(result: EvalResult | Mapping[str, Any], path: str | Path) -> Path:
     """Write an evaluation result as JSON, atomically."""
-    return atomic_write_json(path, result)
+    return atomic_write_json(path, result.to_json() if isinstance(result, EvalResult) else result)
 
 
-def load_eval(path: str | Path) -> dict[str, Any]:
+def read_eval(path: str | Path) -> EvalResult:
     """Read an evaluation result written by :func:`save_eval`, checking its layout."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: evaluation result not found")
     try:
-        result = read_json(path)
+        data = read_json(path)
     except ValueError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(result, dict) or not isinstance(result.get("sets"), dict):
-        raise ValueError(f"{path}: not an evaluation result (no 'sets' object)")
-    for name, s in result["sets"].items():
-        if not isinstance(s, dict) or not isinstance(s.get("per_sample"), dict):
-            raise ValueError(f"{path}: set '{name}' has no 'per_sample' object")
-    return result
+    return EvalResult.from_json(data, str(path))
+
+
+def load_eval(path: str | Path) -> dict[str, Any]:
+    """:func:`read_eval` as the ``eval.json`` dict (the file's content, checked)."""
+    return read_eval(path).to_json()
 
 
 def eval_sets_from_benchmark(bench) -> dict[str, QADataset]:
@@ -255,8 +287,10 @@ def eval_sets_from_benchmark(bench) -> dict[str, QADataset]:
     return sets
 
 
-def summary_row(result: dict[str, Any]) -> dict[str, float | None]:
+def summary_row(result: EvalResult | Mapping[str, Any]) -> dict[str, float | None]:
     """Flat numbers for tables: forget metrics, forget quality, model utility, then the other sets."""
+    if isinstance(result, EvalResult):
+        result = result.to_json()
     sets = result["sets"]
     order = (["forget"] if "forget" in sets else []) + [name for name in sets if name != "forget"]
     row: dict[str, float | None] = {}

@@ -22,7 +22,7 @@ import numpy as np
 
 from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import DataError, QAExample
-from obliviate.evaluation.logprobs import score_pairs
+from obliviate.evaluation.logprobs import TokenScores, score_pairs
 
 
 def likelihood_rank(secret: float, others: Sequence[float]) -> int:
@@ -70,20 +70,21 @@ def candidate_set(example: QAExample, source: str = "examples") -> list[str]:
     return unique
 
 
-def exposure_for_examples(model, fmt: ChatFormat, examples: Sequence[QAExample], batch_size: int = 32,
-                          source: str | None = None) -> dict:
-    """Exposure of each example's answer among its candidates (:func:`candidate_set`).
+def exposure_pairs(examples: Sequence[QAExample], source: str = "examples") -> list[tuple[str, str]]:
+    """Every (question, candidate) pair :func:`exposure_from_scores` reads, row by row, answer first."""
+    return [(e.question, c) for e in examples for c in candidate_set(e, source)]
 
-    All (question, candidate) pairs are scored in one batched pass. Returns
-    ``{"exposure": mean, "per_sample": {"exposure": [...], "rank": [...], "n_candidates": [...]}}``.
-    """
-    source = source or getattr(examples, "source", "examples")
-    examples = list(examples)
+
+def exposure_from_scores(examples: Sequence[QAExample], scores: Sequence[TokenScores],
+                         source: str = "examples") -> dict:
+    """Exposure of each example's answer among its candidates, from the scores of
+    :func:`exposure_pairs` (same order). Returns ``{"exposure": mean, "per_sample": {"exposure":
+    [...], "rank": [...], "n_candidates": [...]}}``."""
     if not examples:
         raise ValueError(f"{source} has no examples")
     sets = [candidate_set(e, source) for e in examples]
-    pairs = [(e.question, c) for e, cands in zip(examples, sets) for c in cands]
-    scores = score_pairs(model, fmt, pairs, batch_size)
+    if len(scores) != sum(len(c) for c in sets):
+        raise ValueError(f"{len(scores)} score rows for {sum(len(c) for c in sets)} candidates")
     values, ranks, sizes = [], [], []
     start = 0
     for cands in sets:
@@ -94,3 +95,15 @@ def exposure_for_examples(model, fmt: ChatFormat, examples: Sequence[QAExample],
         sizes.append(len(cands))
     return {"exposure": float(np.mean(values)),
             "per_sample": {"exposure": values, "rank": ranks, "n_candidates": sizes}}
+
+
+def exposure_for_examples(model, fmt: ChatFormat, examples: Sequence[QAExample], batch_size: int = 32,
+                          source: str | None = None) -> dict:
+    """Exposure of each example's answer among its candidates (:func:`candidate_set`), all
+    (question, candidate) pairs scored in one batched pass; see :func:`exposure_from_scores`."""
+    where: str = source or getattr(examples, "source", None) or "examples"
+    examples = list(examples)
+    if not examples:
+        raise ValueError(f"{where} has no examples")
+    pairs = exposure_pairs(examples, where)
+    return exposure_from_scores(examples, score_pairs(model, fmt, pairs, batch_size), where)

@@ -2,7 +2,13 @@
 
 Interface with the training loop
 --------------------------------
-``build_method(name, **hparams) -> Method`` builds a method; ``list_methods()`` names them all.
+``build_method(name, **hparams)`` builds a method; ``list_methods()`` names them all and
+``method_options(name)`` gives a method's options with their defaults. A gradient method is a
+:class:`Method`, run by ``training.loop.train``; a method that edits the model in one call (UniErase,
+``methods.unierase``) is a :class:`Procedure`: ``method.apply(model, tokenizer, forget, retain, fmt)``
+returns a :class:`ProcedureResult` (model, tokenizer, stats). Tell them apart with
+``isinstance(method, Procedure)``.
+
 The loop, once per step, calls::
 
     loss, logs = method(StepInputs(model, forget=batch, retain=retain_batch, ref_model=ref, step=step))
@@ -16,8 +22,9 @@ The loop, once per step, calls::
 - ``needs_ref_model``: a frozen copy of the starting model must be passed as ``ref_model`` (KL, RMU).
 - ``needs_ref_logps``: ``forget["ref_logp"]`` must hold ``{view: summed log-prob [B]}`` of every view
   in ``views`` under the starting model, computed once before training with
-  ``reference_logps(ref_model, {view: batch[view] ...})`` (NPO, IdkDPO). Compute them in the same
-  precision as training so that the log-ratio starts at 0.
+  ``reference_logps(ref_model, {view: batch[view] ...})`` (the loop: ``reference_logps_for_rows`` over
+  the whole forget set) (NPO, IdkDPO). Compute them in the same precision as training so that the
+  log-ratio starts at 0.
 - ``views``: the forget views its batches must carry ("answer", "idk").
 - ``uses_retain``: it needs a retain batch every step (retain=None is a ValueError).
 - ``trainable(name) -> bool``: whether the parameter ``name`` may train (RMU: only the MLPs of
@@ -35,17 +42,20 @@ regulariser's scalar (``nll``, ``kl``, ``rmu``) computed from the retain batch o
 ``build_method("custom", forget="npo", retain="kl", beta=0.05, retain_weight=2.0)``.
 ``sft`` is plain NLL on the forget stream: the loop finetunes by passing its data as the forget batch.
 
-Helpers (``common``): ``sequence_logps``, ``per_sample_nll``, ``kl_on_labels``, ``reference_logps``,
+Helpers (``common``): ``sequence_logps`` (the one summed log-prob of a view's label tokens),
+``per_sample_nll``, ``kl_on_labels``, ``reference_logps``, ``reference_logps_for_rows``,
 ``hidden_states_at``. Losses are computed in float32.
 """
 
-from obliviate.methods.base import Method, Objective, StepInputs
+from obliviate.methods.base import Method, Objective, Procedure, ProcedureResult, StepInputs
 from obliviate.methods.common import (hidden_states_at, kl_on_labels, per_sample_nll, reference_logps,
-                                      sequence_logps)
+                                      reference_logps_for_rows, sequence_logps)
 from obliviate.methods.composite import Composite
-from obliviate.methods.registry import FORGET, PRESETS, RETAIN, build_method, list_methods
+from obliviate.methods.registry import (FORGET, PRESETS, PROCEDURES, RETAIN, build_method, list_methods,
+                                        method_options)
 
 __all__ = [
-    "Method", "Objective", "StepInputs", "Composite", "build_method", "list_methods", "PRESETS", "FORGET",
-    "RETAIN", "sequence_logps", "per_sample_nll", "kl_on_labels", "reference_logps", "hidden_states_at",
+    "Method", "Objective", "Procedure", "ProcedureResult", "StepInputs", "Composite", "build_method", "list_methods",
+    "method_options", "PRESETS", "PROCEDURES", "FORGET", "RETAIN", "sequence_logps", "per_sample_nll",
+    "kl_on_labels", "reference_logps", "reference_logps_for_rows", "hidden_states_at",
 ]

@@ -1,17 +1,26 @@
-"""The step interface between the training loop and the unlearning methods.
+"""What the rest of the package relies on from a method: two protocols.
 
-A method is a :class:`Composite` (see ``composite.py``): one forget objective that returns a
-per-sample loss vector, plus an optional retain regulariser that returns a scalar. Both are small
-:class:`Objective` dataclasses whose fields are their hyperparameters.
+- :class:`Method`, a gradient method the training loop runs: a :class:`Composite` (see
+  ``composite.py``) of one forget objective that returns a per-sample loss vector and an optional
+  retain regulariser that returns a scalar, both small :class:`Objective` dataclasses whose fields
+  are their hyperparameters.
+- :class:`Procedure`, a method that is not trained by the loop but edits the model in one call
+  (UniErase, ``methods.unierase``).
+
+``build_method(name, **options)`` returns one or the other; callers tell them apart with
+``isinstance(method, Procedure)``, never by name.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
+
+from obliviate.data.chat import ChatFormat
+from obliviate.data.qa import QADataset
 
 
 @dataclass
@@ -27,7 +36,11 @@ class StepInputs:
 
 @runtime_checkable
 class Method(Protocol):
-    """What the training loop relies on."""
+    """What the training loop relies on; every attribute is always present.
+
+    ``__call__`` returns ``(loss, logs)``: a scalar loss with a graph, and ``logs`` mapping
+    ``loss``, ``forget_loss`` (and ``retain_loss``) to floats for the per-step log.
+    """
 
     name: str
 
@@ -48,6 +61,32 @@ class Method(Protocol):
     def trainable(self, name: str) -> bool: ...
 
     def bind(self, model: torch.nn.Module) -> None: ...
+
+
+@dataclass
+class ProcedureResult:
+    """What a :class:`Procedure` returns: the edited model and tokenizer (a procedure may add
+    tokens) and JSON-able statistics of what it did."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Procedure(Protocol):
+    """A method that edits the model in one call instead of being trained by the loop.
+
+    ``apply`` uses ``forget`` (and ``retain``, ``general`` where given: what to preserve), laid out
+    with ``fmt``; ``log`` receives progress lines. The caller saves ``result.model`` with
+    ``result.tokenizer`` and writes ``result.stats``.
+    """
+
+    name: str
+
+    def apply(self, model: torch.nn.Module, tokenizer: Any, forget: QADataset, retain: QADataset | None,
+              fmt: ChatFormat, *, general: QADataset | None = None,
+              log: Callable[[str], None] | None = None) -> ProcedureResult: ...
 
 
 class Objective:

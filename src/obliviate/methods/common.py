@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from obliviate.data.chat import IGNORE
+from obliviate.data.chat import IGNORE, Encoded, pad_batch
 
 _LAYER_LISTS = ("layers", "h")  # Llama/Mistral/Qwen/SmolLM ("layers"), GPT-2 style ("h")
 
@@ -87,6 +87,27 @@ def reference_logps(ref_model: nn.Module, views: dict[str, dict]) -> dict[str, t
         if not isinstance(view, dict) or "input_ids" not in view:
             raise ValueError(f"reference_logps: '{name}' is not a view (a dict with input_ids, labels, ...)")
         out[name] = sequence_logps(ref_model, view)[0].float().cpu()
+    return out
+
+
+def reference_logps_for_rows(ref_model: nn.Module, rows: list[dict[str, Encoded]], pad_id: int,
+                             batch_size: int) -> dict[str, torch.Tensor]:
+    """:func:`reference_logps` of a whole encoded set (``data.batches.encode_views``), ``batch_size``
+    rows at a time in eval mode: ``{view: [len(rows)]}``, row order kept. The loop calls it once
+    before training (the model as it is then is the frozen reference), so no reference copy has to
+    stay in memory."""
+    was_training = ref_model.training
+    ref_model.eval()
+    views = list(rows[0])
+    out = {v: torch.zeros(len(rows)) for v in views}
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(rows))))
+            logps = reference_logps(ref_model, {v: pad_batch([rows[i][v] for i in chunk], pad_id) for v in views})
+            for v in views:
+                out[v][chunk] = logps[v]
+    finally:
+        ref_model.train(was_training)
     return out
 
 

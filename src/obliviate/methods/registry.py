@@ -1,12 +1,14 @@
-"""Methods by name: presets, and ``custom`` for any forget objective + retain regulariser."""
+"""Methods by name: presets, ``custom`` for any forget objective + retain regulariser, and
+procedures (methods that edit the model in one call instead of training, e.g. UniErase)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
-from obliviate.methods.base import Objective
+from obliviate.methods.base import Objective, Procedure
 from obliviate.methods.composite import Composite
 from obliviate.methods.dpo import IdkDPO
 from obliviate.methods.ga import GradientAscent
@@ -15,6 +17,7 @@ from obliviate.methods.nll import NLL, IdkNLL, RetainNLL
 from obliviate.methods.npo import NPO
 from obliviate.methods.rmu import RMUForget, RMURetain
 from obliviate.methods.simnpo import SimNPO
+from obliviate.methods.unierase import UniErase, UniEraseOptions
 
 FORGET: dict[str, type[Objective]] = {
     "ga": GradientAscent, "nll": NLL, "idk_nll": IdkNLL, "npo": NPO, "simnpo": SimNPO,
@@ -49,15 +52,48 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+@dataclass(frozen=True)
+class ProcedureSpec:
+    options: type  # a dataclass of the procedure's options; its __post_init__ checks the values
+    build: Callable[[Any], Procedure]  # options -> procedure
+    description: str
+
+
+PROCEDURES: dict[str, ProcedureSpec] = {
+    "unierase": ProcedureSpec(UniEraseOptions, UniErase,
+                              "UniErase: a learnt <unlearn> token + a null-space-projected edit of a few MLPs, "
+                              "no training loop (Yu et al. 2025, arXiv 2505.15674)"),
+}
+
+
 def list_methods() -> dict[str, str]:
-    """Method names and one-line descriptions, ``custom`` included."""
+    """Method names and one-line descriptions, ``custom`` and procedures included."""
     out = {name: p.description for name, p in PRESETS.items()}
     out["custom"] = (f"forget=<{'|'.join(FORGET)}> retain=<{'|'.join(RETAIN)}|none>, "
                      "with forget_weight, retain_weight and the parts' options")
+    out.update({name: p.description for name, p in PROCEDURES.items()})
     return out
 
 
-def _options(cls: type[Objective]) -> list[str]:
+def method_options(name: str) -> dict[str, Any] | None:
+    """The options ``name`` takes, with their defaults; None for ``custom``, whose options depend on
+    the parts chosen."""
+    if name == "custom":
+        return None
+    if name in PROCEDURES:
+        return dataclasses.asdict(PROCEDURES[name].options())
+    built = build_method(name)
+    assert isinstance(built, Composite)
+    opts: dict[str, Any] = {"forget_weight": built.forget_weight}
+    if built.retain is not None:
+        opts["retain_weight"] = built.retain_weight
+    for part in (built.forget, built.retain):
+        if part is not None:
+            opts.update({f: getattr(part, f) for f in _options(type(part))})
+    return opts
+
+
+def _options(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
 
 
@@ -77,13 +113,21 @@ def _lookup(table: dict[str, type[Objective]], key, role: str) -> type[Objective
     return table[key]
 
 
-def build_method(name: str, **hparams) -> Composite:
-    """A method by preset name, or ``custom`` with ``forget=`` and ``retain=`` part names.
+def build_method(name: str, **hparams) -> Composite | Procedure:
+    """A method by preset name, ``custom`` with ``forget=`` and ``retain=`` part names, or a
+    procedure by name (a :class:`~obliviate.methods.base.Procedure`, e.g. ``unierase``).
 
     Other keyword arguments are ``forget_weight``, ``retain_weight`` and the parts' options (e.g.
-    ``beta``, ``gamma``, ``layer``, ``steering_coeff``, ``seed``, ``tokens``); an option no part
-    takes is a ValueError listing the valid ones.
+    ``beta``, ``gamma``, ``layer``, ``steering_coeff``, ``seed``, ``tokens``), or the procedure's
+    options; an option the method does not take is a ValueError listing the valid ones.
     """
+    if name in PROCEDURES:
+        spec = PROCEDURES[name]
+        valid = _options(spec.options)
+        unknown = sorted(set(hparams) - set(valid))
+        if unknown:
+            raise ValueError(f"method '{name}' does not take {', '.join(unknown)}; valid options: {', '.join(valid)}")
+        return spec.build(spec.options(**hparams))
     if name == "custom":
         if "forget" not in hparams:
             raise ValueError(f"custom needs forget=<{'|'.join(FORGET)}>")

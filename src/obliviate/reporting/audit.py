@@ -15,98 +15,39 @@ registry) and pass it to ``verify(..., expected_head=...)``.
 from __future__ import annotations
 
 import html
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 import obliviate
-from obliviate.reporting.registry import (
-    MODEL_CARD,
-    SUB_RUNS,
-    _name,
-    canonical_json,
-    config_hash,
-    format_number,
-    find_in_run,
-    read_config,
-    read_json_file,
-    read_metrics,
-    sha256_path,
-    sha256_text,
-    unlearn_run_dir,
+from obliviate.data.qa import DataError
+from obliviate.data.sources import as_dataset
+from obliviate.errors import UserError
+from obliviate.evaluation.verdict import (  # noqa: F401 - Thresholds, PASS... are this module's API too
+    FAIL,
+    NOT_MEASURED,
+    PASS,
+    Thresholds,
+    judge,
+    measure,
+    overall_verdict,
+    run_checks,
 )
+from obliviate.reporting.tables import format_number
+from obliviate.runs.fingerprint import MODEL_CARD, canonical_json, config_hash, sha256_path, sha256_text
+from obliviate.runs.registry import (SUB_RUNS, _name, find_in_run, read_config, read_json_file, read_metrics, unlearn_run_dir)
 from obliviate.runs import atomic_write_json, atomic_write_text, git_commit
+from obliviate.runs.fingerprint import dataset_fingerprint
 
 FORMAT = "obliviate.audit/1"
 GENESIS = "0" * 64
-PASS, FAIL, NOT_MEASURED = "pass", "fail", "not measured"
 
 
-class AuditError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """What a deletion must achieve; ``None`` leaves a criterion out.
-
-    Values are read from metrics.json's row for ``label``: ``forget_quality`` (TOFU, Maini et al.
-    2024, arXiv 2401.06121), the membership-inference AUC of forget vs holdout under ``mia_key``
-    (default ``mia_auc_mink``, the pipeline's Min-K% 40 AUC) and ``privleak`` (MUSE, Shi et al. 2024, arXiv 2407.06460); ``relearn_recovery`` from
-    attacks/relearn.json's summary; ``utility_drop`` = (target utility - unlearned utility) /
-    target utility, from the rows ``target`` and ``label``.
-    """
-
-    min_forget_quality: float | None = None
-    mia_auc_range: tuple[float, float] | None = None
-    max_abs_privleak: float | None = None
-    max_relearn_recovery: float | None = None
-    max_utility_drop: float | None = None
-    label: str = "unlearned"
-    mia_key: str = "mia_auc_mink"
-
-    def checks(self) -> list[tuple[str, str, Any]]:
-        """(measurement, operator, threshold) for every criterion that is set."""
-        specs = [("forget_quality", ">=", self.min_forget_quality),
-                 ("mia_auc", "within", list(self.mia_auc_range) if self.mia_auc_range else None),
-                 ("privleak", "abs<=", self.max_abs_privleak),
-                 ("relearn_recovery", "<=", self.max_relearn_recovery),
-                 ("utility_drop", "<=", self.max_utility_drop)]
-        return [s for s in specs if s[2] is not None]
-
-
-def judge(op: str, value: Any, threshold: Any) -> str:
-    """pass / fail / not measured for one criterion."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return NOT_MEASURED
-    if op == "==":
-        ok = value == threshold
-    elif op == ">=":
-        ok = value >= threshold
-    elif op == "<=":
-        ok = value <= threshold
-    elif op == "abs<=":
-        ok = abs(value) <= threshold
-    elif op == "within":
-        ok = threshold[0] <= value <= threshold[1]
-    else:
-        raise ValueError(f"unknown operator '{op}'")
-    return PASS if ok else FAIL
-
-
-def overall_verdict(checks: list[dict[str, Any]], gaps: list[str]) -> str:
-    """fail if any check fails; incomplete if a check is unmeasured or evidence is missing (``gaps``,
-    which include "no thresholds given"); pass otherwise."""
-    verdicts = [c["verdict"] for c in checks]
-    if FAIL in verdicts:
-        return FAIL
-    if NOT_MEASURED in verdicts or gaps:
-        return "incomplete"
-    return PASS
+class AuditError(UserError, ValueError):
+    """A run that cannot be certified, or a file that is not a well-formed audit record."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,11 +75,8 @@ def _model_before(run_dir: Path, config: dict[str, Any], env: dict[str, Any]) ->
 
 def data_fingerprint(source: str, skip_bad: bool = False) -> str | None:
     """The data.json fingerprint of a QA file as a run computes it now (None if it no longer loads)."""
-    from obliviate.api import fingerprint
-    from obliviate.data.qa import DataError, load_qa
-
     try:
-        return fingerprint(load_qa(source, skip_bad=skip_bad))["sha256"]
+        return dataset_fingerprint(as_dataset(source, skip_bad=skip_bad))["sha256"]
     except DataError:
         return None
 
@@ -146,7 +84,7 @@ def data_fingerprint(source: str, skip_bad: bool = False) -> str | None:
 def _data_entries(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A file entry per data role, and per local file a check that its rows still are what the run used.
 
-    data.json's ``sha256`` fingerprints the rows (``obliviate.api.fingerprint``), so the check
+    data.json's ``sha256`` fingerprints the rows (``runs.fingerprint.dataset_fingerprint``), so the check
     recomputes that; the entry's own ``sha256`` is of the file's bytes, which ``verify`` re-hashes.
     """
     entries, checks = [], []
@@ -165,25 +103,12 @@ def _data_entries(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[
     return entries, checks
 
 
-def measurements(run_dir: str | Path, label: str = "unlearned", mia_key: str = "mia_auc_mink") -> dict[str, float | None]:
-    """The values thresholds are judged on (see :class:`Thresholds`)."""
+def measurements(run_dir: str | Path, label: str = "unlearned", mia_key: str = "mia_auc_mink") -> dict[str, Any]:
+    """The values thresholds are judged on (``evaluation.verdict.measure`` of the run's rows)."""
     run_dir = Path(run_dir)
-    models = read_metrics(run_dir).get("models") or {}
-    row, target = models.get(label) or {}, models.get("target") or {}
     relearn_path = find_in_run(run_dir, "attacks/relearn.json")
-    relearn = read_json_file(relearn_path) if relearn_path else {}
-    mu, mu0 = _num(row.get("model_utility")), _num(target.get("model_utility"))
-    return {
-        "forget_quality": _num(row.get("forget_quality")),
-        "mia_auc": _num(row.get(mia_key)),
-        "privleak": _num(row.get("privleak")),
-        "relearn_recovery": _num(((relearn or {}).get("summary") or {}).get("recovery")),
-        "utility_drop": (mu0 - mu) / mu0 if mu is not None and mu0 else None,
-    }
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    relearn = read_json_file(relearn_path) if relearn_path else None
+    return measure(read_metrics(run_dir).get("models") or {}, relearn, label, mia_key)
 
 
 def certify(run_dir: str | Path, thresholds: Thresholds) -> dict[str, Any]:
@@ -215,8 +140,7 @@ def certify(run_dir: str | Path, thresholds: Thresholds) -> dict[str, Any]:
     if not thresholds.checks():
         gaps.append("no thresholds given: nothing was judged")
     measured = measurements(run_dir, thresholds.label, thresholds.mia_key)
-    checks += [{"name": name, "op": op, "threshold": limit, "value": measured[name],
-                "verdict": judge(op, measured[name], limit)} for name, op, limit in thresholds.checks()]
+    checks += run_checks(thresholds, measured)
     metrics = read_metrics(run_dir)
 
     entries = [
@@ -259,15 +183,57 @@ def record_verdict(record: dict[str, Any]) -> str | None:
     return None
 
 
+# Fields every entry of a type must have, with their JSON types; a record without them is malformed
+# (an AuditError), while wrong values in well-formed entries are what verify reports.
+_STR, _OPT_STR, _LIST = (str,), (str, type(None)), (list,)
+_ENTRY_FIELDS: dict[str | None, dict[str, tuple[type, ...]]] = {
+    None: {"seq": (int,), "type": _STR, "prev": _STR, "hash": _STR},
+    "check": {"name": _STR, "op": _STR, "verdict": _OPT_STR},
+    "verdict": {"verdict": _OPT_STR},
+    "file": {"role": _STR, "path": _OPT_STR, "sha256": _OPT_STR},
+}
+_TYPE_NAMES = {str: "text", int: "an integer", list: "a list", type(None): "null"}
+
+
+def _check_shape(record: Any, where: str) -> None:
+    """Raise AuditError naming the first missing or mistyped field of a record."""
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise AuditError(f"{where}: not an audit record of format {FORMAT} (write one with `obliviate certify`)")
+    for key, kinds in (("head", _STR), ("entries", _LIST)):
+        if not isinstance(record.get(key), kinds):
+            raise AuditError(f"{where}: malformed audit record: '{key}' must be {_TYPE_NAMES[kinds[0]]}")
+    for i, entry in enumerate(record["entries"]):
+        if not isinstance(entry, dict):
+            raise AuditError(f"{where}: malformed audit record: entry {i} must be an object, got "
+                             f"{type(entry).__name__}")
+        required = {**_ENTRY_FIELDS[None], **_ENTRY_FIELDS.get(entry.get("type"), {})}
+        for key, kinds in required.items():
+            if key not in entry:
+                raise AuditError(f"{where}: malformed audit record: entry {i} ({entry.get('type', '?')}) "
+                                 f"has no '{key}'")
+            if not isinstance(entry[key], kinds) or isinstance(entry[key], bool):
+                raise AuditError(f"{where}: malformed audit record: entry {i} ({entry.get('type', '?')}): '{key}' "
+                                 f"must be {' or '.join(_TYPE_NAMES[k] for k in kinds)}, got {entry[key]!r:.60}")
+        if entry["type"] == "verdict" and not (isinstance(entry.get("gaps", []), list)
+                                               and all(isinstance(g, str) for g in entry.get("gaps", []))):
+            raise AuditError(f"{where}: malformed audit record: entry {i} (verdict): 'gaps' must be a list of texts")
+        if entry["type"] == "file" and not (isinstance(entry.get("exclude") or [], list)
+                                            and all(isinstance(x, str) for x in entry.get("exclude") or [])):
+            raise AuditError(f"{where}: malformed audit record: entry {i} (file): 'exclude' must be a list of texts")
+
+
 def verify(record_path: str | Path, expected_head: str | None = None, rehash: bool = True) -> list[str]:
     """Problems with a record (empty list: intact): chain links and hashes, the head, every check's
-    verdict against its value and threshold, the overall verdict, and (``rehash``) every named file."""
+    verdict against its value and threshold, the overall verdict, and (``rehash``) every named file.
+
+    A file that is not a well-formed record (missing, not JSON, fields missing or of the wrong type)
+    raises AuditError: there is nothing to verify."""
     try:
         record = read_json_file(record_path, required=True)
-    except ValueError as e:
-        return [str(e)]
-    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("entries"), list):
-        return [f"{record_path}: not an audit record of format {FORMAT}"]
+    except (ValueError, RecursionError) as e:  # RunFileError, invalid UTF-8, nesting beyond Python's limit
+        raise AuditError(f"{record_path}: not an audit record ({e})" if not str(e).startswith(str(record_path))
+                         else f"{e}; not an audit record") from None
+    _check_shape(record, str(record_path))
     problems, prev = [], GENESIS
     entries = record["entries"]
     for i, entry in enumerate(entries):
@@ -276,7 +242,11 @@ def verify(record_path: str | Path, expected_head: str | None = None, rehash: bo
             problems.append(f"{where}: sequence number {entry.get('seq')!r}, expected {i} (entries removed or reordered)")
         if entry.get("prev") != prev:
             problems.append(f"{where}: does not link to the previous entry's hash")
-        if entry_hash(entry.get("prev", ""), entry) != entry.get("hash"):
+        try:
+            rehashed = entry_hash(entry["prev"], entry)
+        except ValueError:  # text no file could hold (a lone surrogate): it was not written by certify
+            rehashed = None
+        if rehashed != entry["hash"]:
             problems.append(f"{where}: content does not match its hash (edited after it was written)")
         prev = entry.get("hash", "")
     if record.get("head") != prev:

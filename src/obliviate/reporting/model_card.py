@@ -15,17 +15,9 @@ from typing import Any, Mapping
 
 import obliviate
 from obliviate.reporting.audit import record_verdict
-from obliviate.reporting.registry import (
-    MODEL_CARD,
-    _name,
-    config_hash,
-    format_number,
-    model_fingerprint,
-    read_config,
-    read_json_file,
-    read_metrics,
-    unlearn_run_dir,
-)
+from obliviate.reporting.tables import format_number
+from obliviate.runs.fingerprint import MODEL_CARD, config_hash, model_fingerprint
+from obliviate.runs.registry import _name, read_config, read_json_file, read_metrics, unlearn_run_dir
 from obliviate.runs import atomic_write_text
 
 # Metrics shown on the card, in this order, when present.

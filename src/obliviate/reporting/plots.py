@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from obliviate.reporting.tables import SUMMARY, format_number
+
 # Forget quality is a p-value and can underflow to 0; plot such points at this floor.
 FQ_FLOOR = 1e-300
 # Colours per model label, so the same model looks the same in every figure.
@@ -96,7 +98,7 @@ def relearn_figure(relearn: Mapping[str, Any]) -> Figure:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     recovery = _finite((relearn.get("summary") or {}).get("recovery"))
-    fig.suptitle("Relearning attack" + (f" (recovery {recovery:.3f})" if recovery is not None else ""))
+    fig.suptitle("Relearning attack" + (f" (recovery {format_number(recovery, SUMMARY)})" if recovery is not None else ""))
     return fig
 
 

@@ -20,15 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import obliviate
-from obliviate.reporting.registry import (
-    RunFileError,
-    config_hash,
-    find_in_run,
-    format_number,
-    read_config,
-    read_json_file,
-    run_identity,
-)
+from obliviate.runs.fingerprint import config_hash
+from obliviate.runs.registry import RunFileError, find_in_run, read_config, read_json_file, run_identity
+from obliviate.reporting.tables import format_number, markdown_cell, markdown_table
 from obliviate.runs import atomic_write_bytes, atomic_write_text
 
 LABEL_ORDER = ("target", "oracle", "unlearned")
@@ -218,7 +212,7 @@ class ReportFigure:
 
 
 def run_figures(run: RunData) -> list[ReportFigure]:
-    from obliviate.reporting import plots
+    from obliviate.reporting import plots  # Matplotlib is slow to import; only pages with figures need it
 
     figs = []
     if run.trajectory:
@@ -339,33 +333,23 @@ OVERVIEW_HEADER = ["run", "method", "forget quality (unlearned)", "model utility
 # Markdown
 
 
-def md_cell(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def run_markdown(run: RunData, name: str, fig_paths: dict[str, str]) -> str:
-    out = [f"## {md_cell(name)}", "", md_table(["", "value"], run_facts(run)), ""]
+    out = [f"## {markdown_cell(name)}", "", markdown_table(["", "value"], run_facts(run)), ""]
     if run.models:
         for side in ("forget", "utility"):
             rows = metric_rows(run.models, side)
             if rows:
-                out += [f"**Metrics, {side} side**", "", md_table(["metric"] + list(run.models), rows), ""]
+                out += [f"**Metrics, {side} side**", "", markdown_table(["metric"] + list(run.models), rows), ""]
     if run.verdict:
-        out += ["**Verdict**", ""] + [f"- {md_cell(k)}: {md_cell(format_number(v) if not isinstance(v, (dict, list)) else json.dumps(v))}"
+        out += ["**Verdict**", ""] + [f"- {markdown_cell(k)}: {markdown_cell(format_number(v) if not isinstance(v, (dict, list)) else json.dumps(v))}"
                                       for k, v in run.verdict.items()] + [""]
     if run.relearn:
         out += [f"Relearning recovery: {format_number((run.relearn.get('summary') or {}).get('recovery'))}", ""]
     if run.quantise:
         header, rows = quantise_rows(run)
-        out += ["**Quantisation attack**", "", md_table(header, rows), ""]
+        out += ["**Quantisation attack**", "", markdown_table(header, rows), ""]
     for title, path in fig_paths.items():
-        out += [f"![{md_cell(title)}]({path})", ""]
+        out += [f"![{markdown_cell(title)}]({path})", ""]
     return "\n".join(out)
 
 
@@ -406,7 +390,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, examples: 
                   f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
                   f"<h1>{_e(title)}</h1><p class='note'>Generated {stamp} by obliviate {obliviate.__version__} "
                   f"from {len(runs)} run(s).</p>"]
-    md_parts = [f"# {md_cell(title)}", "", f"Generated {stamp} by obliviate {obliviate.__version__}.", ""]
+    md_parts = [f"# {markdown_cell(title)}", "", f"Generated {stamp} by obliviate {obliviate.__version__}.", ""]
     figure_files = []
 
     def save(fig: ReportFigure, prefix: str) -> str:
@@ -418,7 +402,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, examples: 
     if len(runs) > 1:
         rows = overview_rows(runs, names)
         html_parts.append("<h2>Overview</h2>" + html_table(OVERVIEW_HEADER, rows))
-        md_parts += ["## Overview", "", md_table(OVERVIEW_HEADER, rows), ""]
+        md_parts += ["## Overview", "", markdown_table(OVERVIEW_HEADER, rows), ""]
         overview = overview_figure(runs, names)
         if overview:
             html_parts.append(img_tag(overview))

@@ -49,13 +49,23 @@ from obliviate import api
 from obliviate.data.benchmark import Benchmark, load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.qa import QADataset
-from obliviate.models.loading import DEFAULT_MODEL
+from obliviate.evaluation.exposure import exposure_for_examples
+from obliviate.evaluation.generation import generate_answers
+from obliviate.evaluation.logprobs import score_pairs
+from obliviate.evaluation.tofu import rouge_l_recall
+from obliviate.methods import build_method
+from obliviate.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from obliviate.processes import processes
+from obliviate.reporting.plots import new_figure, png_bytes
 from obliviate.runs import RunDir, atomic_write_bytes, atomic_write_text
+from obliviate.runs.fingerprint import dataset_fingerprint
+from obliviate.training.config import TrainConfig
+from obliviate.training.loop import train
+from obliviate.training.presets import STUDY_FINETUNE
 
 SETS = ("id_forget", "ood_forget")
 METHODS = ("ga", "graddiff")
 GROUPS = ("all", "strong", "weak", "easy", "hard")
-FINETUNE = {"epochs": 10, "lr": 3e-4, "batch_size": 8, "warmup_ratio": 0.1}
 SET_LABEL = {"id_forget": "ID", "ood_forget": "OOD"}
 
 
@@ -64,7 +74,7 @@ class IdOodConfig:
     model: str = DEFAULT_MODEL
     sets: tuple[str, ...] = SETS
     methods: tuple[str, ...] = METHODS
-    finetune: dict[str, Any] = field(default_factory=lambda: dict(FINETUNE))  # TrainConfig fields
+    finetune: dict[str, Any] = field(default_factory=lambda: dict(STUDY_FINETUNE))  # TrainConfig fields
     unlearn_lr: float = 2e-5
     unlearn_steps: int = 40
     eval_every: int = 5
@@ -80,8 +90,6 @@ class IdOodConfig:
     max_length: int = 512
 
     def __post_init__(self) -> None:
-        from obliviate.methods import build_method
-
         self.sets, self.methods = tuple(self.sets), tuple(self.methods)
         unknown = [s for s in self.sets if s not in SETS]
         if unknown or not self.sets:
@@ -98,8 +106,6 @@ class IdOodConfig:
         self.unlearn_config(1)  # validates lr and mixed precision
 
     def unlearn_config(self, n_rows: int):
-        from obliviate.training.config import TrainConfig
-
         return TrainConfig(max_steps=self.unlearn_steps, epochs=1, lr=self.unlearn_lr,
                            batch_size=min(self.batch_size, n_rows), scheduler="constant", warmup_ratio=0.0,
                            eval_every=self.eval_every, seed=self.seed, mixed_precision=self.mixed_precision)
@@ -111,10 +117,6 @@ def measure(model, fmt: ChatFormat, forget: QADataset, retain_eval: QADataset, m
             batch_size: int = 32) -> dict[str, Any]:
     """Per forget example: exposure, ROUGE-L recall, NLL; and the retain utility (mean probability
     and ROUGE-L recall over ``retain_eval``). One scoring pass and one generation pass for both sets."""
-    from obliviate.evaluation.exposure import exposure_for_examples
-    from obliviate.evaluation.generation import generate_answers
-    from obliviate.evaluation.logprobs import score_pairs
-    from obliviate.evaluation.tofu import rouge_l_recall
 
     rows = list(forget) + list(retain_eval)
     nll = np.array([s.nll for s in score_pairs(model, fmt, [(e.question, e.answer) for e in rows], batch_size)])
@@ -133,8 +135,6 @@ def unlearn_curve(target, tokenizer, fmt: ChatFormat, forget: QADataset, retain:
     """Unlearn ``forget`` from a copy of ``target`` with ``method``; ``start`` is the target's
     :func:`measure` (step 0). Returns ``{"steps": [...], key: [value per step] ...}`` for the keys
     of :func:`measure` (per-example keys hold one list per step)."""
-    from obliviate.methods import build_method
-    from obliviate.training.loop import train
 
     points = {0: start}
 
@@ -303,7 +303,6 @@ def example_rows(examples: list[dict]) -> list[dict[str, Any]]:
 
 
 def _figures(examples: list[dict], curves: dict[str, dict[str, dict]], cfg: IdOodConfig):
-    from obliviate.reporting.plots import new_figure
 
     methods = list(cfg.methods)
     sets = [s for s in SETS if s in curves]
@@ -374,20 +373,18 @@ def _union(name: str, *parts: QADataset) -> QADataset:
 def run_id_ood(bench: Benchmark | str | Path, out: str | Path, cfg: IdOodConfig | None = None, *,
                overwrite: bool = False, resume: bool = False, progress: bool = True, echo=print) -> dict[str, Any]:
     """Run the study (module doc) and write its outputs to ``out``; returns the ``id_ood.json`` dict."""
-    import torch
-
-    from obliviate.models.loading import load_model, load_tokenizer
-
     cfg = cfg or IdOodConfig()
     bench = bench if isinstance(bench, Benchmark) else load_benchmark(bench)
     parts = {s: bench.split(s) for s in cfg.sets}  # a benchmark without the split fails here, with its name
     full, retain = bench.split("train"), bench.split("retain")
-    run = RunDir.create(out, overwrite=overwrite, resume=resume and Path(out).exists())
-    run.write_config({"command": "study id-ood", "benchmark": bench.source, **asdict(cfg)}, seed=cfg.seed)
-    run.set_status("running")
+    config = {"command": "study id-ood", "benchmark": bench.source, **asdict(cfg)}
+    data = {role: dataset_fingerprint(bench.split(role)) for role in sorted(bench.roles)}
+    run = RunDir.open(out, kind="study", fingerprint={"config": config, "data": data}, overwrite=overwrite,
+                      resume=resume, inputs=(bench.source, cfg.model))
+    run.write_config(config, seed=cfg.seed)
     common = dict(dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length, progress=progress,
                   resume=resume)
-    try:
+    with run.running("study", resume=resume):
         echo("[obliviate] finetuning the target on full + " + " + ".join(cfg.sets))
         target_dir = api.finetune(cfg.model, _union("target", full, *parts.values()), run.file("target"),
                                   cfg.finetune, **common)
@@ -403,7 +400,7 @@ def run_id_ood(bench: Benchmark | str | Path, out: str | Path, cfg: IdOodConfig 
                 oracle_dirs[s] = api.finetune(cfg.model, _union(f"without-{s}", full, *others),
                                               run.file(f"oracle-{s}"), cfg.finetune, **common)
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = processes().device
         tokenizer = load_tokenizer(str(target_dir))
         fmt = ChatFormat(tokenizer, system_prompt=cfg.system_prompt, max_length=cfg.max_length)
         retain_eval = retain[:cfg.retain_eval]
@@ -426,22 +423,15 @@ def run_id_ood(bench: Benchmark | str | Path, out: str | Path, cfg: IdOodConfig 
                 curves[s][method] = unlearn_curve(target, tokenizer, fmt, parts[s], retain, retain_eval, method, cfg,
                                                   target_points[s], progress)
                 run.write_json(name, curves[s][method])
-    except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-
-    examples = [r for s in cfg.sets for r in per_example(parts[s], s, target_points[s], oracle_points[s], curves[s])]
-    table = summary_table(examples, curves)
-    result = {"config": asdict(cfg), "benchmark": bench.source,
-              "oracle": "shared (full only)" if cfg.shared_oracle else "per set (target data without the set)",
-              "finding": finding(table, curves), "table": table, "examples": examples,
-              "target": target_points, "oracle_points": oracle_points, "curves": curves}
-    run.write_json("id_ood.json", result)
-    atomic_write_text(run.file("id_ood.csv"), _csv(table))
-    atomic_write_text(run.file("id_ood_examples.csv"), _csv(example_rows(examples)))
-    from obliviate.reporting.plots import png_bytes
-
-    for name, fig in _figures(examples, curves, cfg).items():
-        atomic_write_bytes(run.file(name), png_bytes(fig))
-    run.set_status("done")
+        examples = [r for s in cfg.sets for r in per_example(parts[s], s, target_points[s], oracle_points[s], curves[s])]
+        table = summary_table(examples, curves)
+        result = {"config": asdict(cfg), "benchmark": bench.source,
+                  "oracle": "shared (full only)" if cfg.shared_oracle else "per set (target data without the set)",
+                  "finding": finding(table, curves), "table": table, "examples": examples,
+                  "target": target_points, "oracle_points": oracle_points, "curves": curves}
+        run.write_json("id_ood.json", result)
+        atomic_write_text(run.file("id_ood.csv"), _csv(table))
+        atomic_write_text(run.file("id_ood_examples.csv"), _csv(example_rows(examples)))
+        for name, fig in _figures(examples, curves, cfg).items():
+            atomic_write_bytes(run.file(name), png_bytes(fig))
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from obliviate.options import options_from_dict
+from obliviate.options import OptionsError, check_fields, options_from_dict
 
 TRACKERS = ("tensorboard", "mlflow")
 # 8-bit AdamW keeps its two moments in 8 bits (bitsandbytes, Dettmers et al. 2022, arXiv 2110.02861):
@@ -38,7 +38,10 @@ class TrainConfig:
     log_with: str = ""  # experiment trackers, comma-separated: tensorboard, mlflow (logs under RUN/tracking)
 
     def __post_init__(self) -> None:
-        problems = []
+        # Types first (finite floats, whole ints, real bools): the range checks below compare numbers.
+        problems = check_fields(self)
+        if problems:
+            raise OptionsError("invalid training options: " + "; ".join(problems))
         if self.epochs <= 0 and self.max_steps <= 0:
             problems.append("epochs must be > 0 (or set max_steps)")
         for name in ("batch_size", "grad_accum", "lora_r"):
@@ -60,7 +63,7 @@ class TrainConfig:
         if unknown:
             problems.append(f"log_with: unknown tracker {', '.join(unknown)} (choose from {', '.join(TRACKERS)})")
         if problems:
-            raise ValueError("invalid training options: " + "; ".join(problems))
+            raise OptionsError("invalid training options: " + "; ".join(problems))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

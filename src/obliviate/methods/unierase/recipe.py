@@ -1,8 +1,8 @@
 """The UniErase recipe: learn the unlearning token, then edit the model to emit it on forget questions.
 
 UniErase: Yu, Lin, Zhang, Li, Fang, Zhang, Wang and Wang, 2025, arXiv 2505.15674. Stage 1 is
-``unierase.token``, stage 2 (an AlphaEdit-style edit, Fang et al. 2024, arXiv 2410.02355) is
-``unierase.edit``. After both, a forget question is answered ``<unlearn> I don't know...``; the
+``methods.unierase.token``, stage 2 (an AlphaEdit-style edit, Fang et al. 2024, arXiv 2410.02355) is
+``methods.unierase.edit``. After both, a forget question is answered ``<unlearn> I don't know...``; the
 token is a special token, so decoded generations (``skip_special_tokens=True``) show only the
 refusal. See docs/unierase.md.
 """
@@ -10,7 +10,7 @@ refusal. See docs/unierase.md.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -20,13 +20,15 @@ from torch import nn
 from obliviate.data.chat import ChatFormat, iter_chunks
 from obliviate.data.qa import DataError, QADataset, QAExample
 from obliviate.data.world_facts import real_authors, world_facts
+from obliviate.methods.base import ProcedureResult
+from obliviate.methods.unierase.edit import (Tokens, default_layers, down_proj, edit_batch, key_second_moment,
+                                             last_position_tokens, make_tokens, nullspace_projector,
+                                             optimise_targets)
+from obliviate.methods.unierase.token import (UNLEARN_TOKEN, add_unlearn_token, encode_rows, refusal_examples,
+                                              token_matrices, train_unlearn_token)
 from obliviate.models.loading import save_checkpoint
 from obliviate.options import options_from_dict
 from obliviate.runs import atomic_write_json
-from obliviate.unierase.edit import (Tokens, default_layers, down_proj, edit_batch, key_second_moment,
-                                     last_position_tokens, make_tokens, nullspace_projector, optimise_targets)
-from obliviate.unierase.token import (UNLEARN_TOKEN, add_unlearn_token, encode_rows, refusal_examples,
-                                      token_matrices, train_unlearn_token)
 
 STATS_FILE = "unierase.json"
 
@@ -218,6 +220,22 @@ def _builtin_general(opts: UniEraseOptions) -> QADataset | None:
         return None
     rows: list[QAExample] = world_facts() + real_authors()
     return QADataset(rows, "obliviate.data.world_facts")
+
+
+@dataclass
+class UniErase:
+    """UniErase as a registered method (``build_method("unierase", **options)``): a
+    :class:`~obliviate.methods.base.Procedure`, not trained by the loop. ``apply`` runs both stages
+    on the model and tokenizer in place (the tokenizer gains the unlearning token) and returns them
+    with the statistics of :func:`apply_unierase`."""
+
+    options: UniEraseOptions = field(default_factory=UniEraseOptions)
+    name: str = "unierase"
+
+    def apply(self, model: nn.Module, tokenizer, forget: QADataset, retain: QADataset | None, fmt: ChatFormat, *,
+              general: QADataset | None = None, log: Callable[[str], None] | None = None) -> ProcedureResult:
+        stats = apply_unierase(model, tokenizer, forget, retain, self.options, fmt=fmt, general=general, log=log)
+        return ProcedureResult(model, tokenizer, stats)
 
 
 def unierase(model: nn.Module, tokenizer, forget: QADataset, retain: QADataset | None, out: str | Path,
