@@ -453,3 +453,28 @@ def test_command_writes_a_run(tmp_path):
     again = CliRunner().invoke(app, ["unierase", "--model", str(model_dir), "--forget", str(forget),
                                      "--out", str(run), "-u", "bogus=1"])
     assert again.exit_code == 2 and "bogus" in again.output
+
+
+def test_unlearn_method_unierase_is_the_same_run(tmp_path):
+    """UniErase is a registered method: `obliviate methods` lists it and `obliviate unlearn --method
+    unierase` runs it through the same run lifecycle as every method (no special case by name)."""
+    from obliviate.cli.main import app
+    from obliviate.data.qa import write_qa_jsonl
+
+    listed = CliRunner().invoke(app, ["methods"])
+    assert listed.exit_code == 0 and "unierase" in listed.output and "token_steps=" in listed.output
+    model_dir = build_tiny_model(tmp_path / "m", layers=2, seed=3)
+    forget = write_qa_jsonl(qa(FORGET[:2], "f").examples, tmp_path / "forget.jsonl")
+    retain = write_qa_jsonl(qa(RETAIN[:2], "r").examples, tmp_path / "retain.jsonl")
+    result = CliRunner().invoke(app, ["unlearn", "--method", "unierase", "--model", str(model_dir), "--forget",
+                                      str(forget), "--retain", str(retain), "--out", str(tmp_path / "run"),
+                                      "--system-prompt", "", "-m", "token_steps=2", "-m", "target_steps=2",
+                                      "-m", "layers=[1]", "-m", "preserve_general=false", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    assert json.loads((run / "status.json").read_text())["status"] == "done"
+    assert json.loads((run / "model" / "unierase.json").read_text())["layers"] == [1]
+    _, tok = load(run / "model")
+    assert UNLEARN_TOKEN in tok.get_vocab()
+    config = (run / "config.yaml").read_text()
+    assert "method: unierase" in config and "train:" not in config  # a procedure has no training options

@@ -17,6 +17,8 @@ inputs and options (a finished one is returned as is).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +29,9 @@ from obliviate.data.benchmark import load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.qa import QADataset
 from obliviate.data.sources import DataSpec, as_dataset
-from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model, load_eval, save_eval, summary_row
+from obliviate.evaluation.evaluate import (eval_sets_from_benchmark, evaluate_with_scores, load_eval, save_eval,
+                                           summary_row)
+from obliviate.evaluation.scores import ModelScores, Pair
 from obliviate.methods import Procedure, build_method
 from obliviate.models.fingerprint import model_sha256
 from obliviate.models.loading import check_model_spec, load_model, load_tokenizer, save_checkpoint
@@ -39,7 +43,7 @@ from obliviate.training import presets
 from obliviate.training.config import TrainConfig
 from obliviate.training.loop import train as train_loop
 
-__all__ = ["finetune", "unlearn", "evaluate", "DEFAULT_SYSTEM_PROMPT"]
+__all__ = ["finetune", "unlearn", "evaluate", "evaluate_scored", "ScoredEvaluation", "DEFAULT_SYSTEM_PROMPT"]
 
 
 def finetune(model: str, data: DataSpec, out: str | Path, train: TrainConfig | dict | None = None, *,
@@ -140,7 +144,23 @@ def evaluate(model: str | Path, benchmark: str | Path | dict[str, QADataset], ou
              trust_remote_code: bool = False, model_obj=None, tokenizer=None) -> dict:
     """TOFU evaluation of ``model`` on a benchmark (directory, TOFU directory or hub id) or on given
     sets. With ``out``, writes ``out/eval/<label>.json`` (and records it in the run registry).
-    ``oracle_eval`` (the oracle's eval result or its path) gives forget quality."""
+    ``oracle_eval`` (the oracle's eval result or its path) gives forget quality. Returns the
+    ``eval.json`` dict."""
+    return evaluate_scored(model, benchmark, out, label=label, forget_split=forget_split, oracle_eval=oracle_eval,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype,
+                           system_prompt=system_prompt, max_length=max_length, progress=progress,
+                           trust_remote_code=trust_remote_code, model_obj=model_obj, tokenizer=tokenizer).result
+
+
+def evaluate_scored(model: str | Path, benchmark: str | Path | dict[str, QADataset], out: str | Path | None = None,
+                    *, label: str = "model", forget_split: str = "forget10",
+                    oracle_eval: str | Path | dict | None = None, batch_size: int = 32, max_new_tokens: int = 200,
+                    dtype: str = "float32", system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_length: int = 512,
+                    progress: bool = True, trust_remote_code: bool = False, model_obj=None, tokenizer=None,
+                    extra_pairs: Sequence[Pair] = ()) -> ScoredEvaluation:
+    """:func:`evaluate`, also returning the model's per-token scores (``evaluation.scores``), so that
+    privacy, exposure and attacks read them instead of running the model again; ``extra_pairs``
+    (e.g. ``evaluation.privacy.privacy_pairs``) are scored too."""
     label = safe_name(label, "--label")
     if model_obj is None:
         check_model_spec(str(model))
@@ -155,16 +175,26 @@ def evaluate(model: str | Path, benchmark: str | Path | dict[str, QADataset], ou
     fmt = ChatFormat(tokenizer, system_prompt=system_prompt, max_length=max_length)
     start = time.time()
     state = processes()  # under accelerate launch: batches split across processes, merged in order
-    result = evaluate_model(model_obj, tokenizer, sets, fmt=fmt, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            oracle=oracle, progress=progress and state.is_main_process, label=label,
-                            distributed=state.num_processes > 1)
+    evaluation = evaluate_with_scores(model_obj, tokenizer, sets, fmt=fmt, batch_size=batch_size,
+                                      max_new_tokens=max_new_tokens, oracle=oracle,
+                                      progress=progress and state.is_main_process, label=label,
+                                      distributed=state.num_processes > 1, extra_pairs=extra_pairs)
+    result = evaluation.result.to_json()
     result["seconds"] = round(time.time() - start, 3)
     if out is not None and state.is_main_process:
         run = RunDir(out)
         path = save_eval(result, run.file("eval", f"{label}.json"))
         run.record_result(path, "eval", model=str(model), metrics={"models": {label: summary_row(result)}})
     state.wait_for_everyone()
-    return result
+    return ScoredEvaluation(result, evaluation.scores)
+
+
+@dataclass
+class ScoredEvaluation:
+    """An evaluation's ``eval.json`` dict and the per-token scores it was computed from."""
+
+    result: dict[str, Any]
+    scores: ModelScores
 
 
 # -- composition steps ----------------------------------------------------------------------------

@@ -20,11 +20,12 @@ from obliviate import api
 from obliviate.data.benchmark import Benchmark, load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model, load_eval, save_eval, summary_row
-from obliviate.evaluation.privacy import privacy_of_models
+from obliviate.evaluation.privacy import privacy_of_models, privacy_pairs, privacy_rows
 from obliviate.evaluation.sacrifice import sacrifice_rates
 from obliviate.evaluation.scores import ModelScores
 from obliviate.evaluation.tofu import forget_quality
 from obliviate.evaluation.verdict import PIPELINE_THRESHOLDS, Thresholds, pipeline_verdict
+from obliviate.methods import Procedure, build_method
 from obliviate.models.loading import DEFAULT_MODEL, load_tokenizer
 from obliviate.reporting.model_card import model_card_info, write_model_card
 from obliviate.reporting.tables import SUMMARY, format_number, markdown_table
@@ -75,6 +76,9 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
     sets = _eval_sets(bench)
     shared = shared or {}
 
+    scores: dict[str, ModelScores] = {}
+    privacy_needs = privacy_pairs(bench.split("forget"), bench.split("holdout")) if bench.has("holdout") else []
+
     def evaluated(label: str, model_dir: Path, oracle=None) -> dict:
         # A cell keeps its own copy of every result so it is a complete run directory.
         path, cache = run.file(f"eval/{label}.json"), shared.get(f"{label}_eval")
@@ -85,10 +89,12 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
                     save_eval(result, path)
                 return result
         echo(f"[obliviate] evaluating {label}")
-        result = api.evaluate(model_dir, sets, run.path, label=label, oracle_eval=oracle, **eval_common)
+        evaluation = api.evaluate_scored(model_dir, sets, run.path, label=label, oracle_eval=oracle,
+                                         extra_pairs=privacy_needs, **eval_common)
+        scores[label] = evaluation.scores  # privacy reads these instead of running the model again
         if cache is not None:
-            save_eval(result, cache)
-        return result
+            save_eval(evaluation.result, cache)
+        return evaluation.result
 
     with run.running("pipeline", resume=resume) as life:
         echo("[obliviate] finetuning the target on the train split")
@@ -105,7 +111,7 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
         unlearned_eval = evaluated("unlearned", unlearned, oracle_eval)
         trajectory.finish(unlearned_eval, run.file("unlearn"))
         privacy = _privacy(run, bench, {"target": target, "oracle": oracle, "unlearned": unlearned}, cfg, resume,
-                           echo, shared.get("privacy"))
+                           echo, shared.get("privacy"), scores=scores)
         rows = {"target": summary_row(target_eval), "oracle": summary_row(oracle_eval),
                 "unlearned": summary_row(unlearned_eval)}
         # The oracle against itself (p = 1 by construction), so the table has no hole.
@@ -114,8 +120,6 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
         for label, ev in (("oracle", oracle_eval), ("unlearned", unlearned_eval)):
             rows[label].update({f"sacrifice_{k}": v for k, v in sacrifice_rates(target_eval, ev).items()})
         if privacy is not None:
-            from obliviate.evaluation.privacy import privacy_rows
-
             for label, extra in privacy_rows(privacy, "oracle").items():
                 rows[label].update(extra)
         result = {"models": rows, "verdict": verdict(rows, cfg.thresholds), "benchmark": bench.source}
@@ -156,7 +160,9 @@ class _Trajectory:
 
     @property
     def on_eval(self):
-        return self._evaluate if self.every and self.cfg.method != "unierase" else None
+        # A procedure (UniErase) has no steps to evaluate along the way.
+        gradient = not isinstance(build_method(self.cfg.method, **self.cfg.method_options), Procedure)
+        return self._evaluate if self.every and gradient else None
 
     def _evaluate(self, model, step: int) -> None:
         if step >= self.last:

@@ -185,9 +185,6 @@ def synth(
     console.print(f"benchmark written to {path}")
 
 
-DEMO_FINETUNE = {"epochs": 8, "lr": 3e-4, "batch_size": 8, "warmup_ratio": 0.1}
-DEMO_UNLEARN = {"epochs": 8, "lr": 6e-5, "batch_size": 4, "scheduler": "constant", "warmup_ratio": 0.0,
-                "eval_every": 4}
 
 
 @app.command()
@@ -203,13 +200,13 @@ def demo(
     seed: Annotated[int, typer.Option(help="Benchmark and training seed.")] = 0,
     method: Annotated[str, typer.Option(help="Unlearning method (`obliviate methods`).")] = "npo",
     method_option: Annotated[Optional[list[str]], typer.Option("--method-option", "-m", help="Method key=value.")] = None,
-    finetune_epochs: Annotated[float, typer.Option(help="Epochs for target and oracle.")] = DEMO_FINETUNE["epochs"],
-    finetune_lr: Annotated[float, typer.Option(help="Learning rate for target and oracle.")] = DEMO_FINETUNE["lr"],
-    unlearn_epochs: Annotated[float, typer.Option(help="Unlearning epochs.")] = DEMO_UNLEARN["epochs"],
-    unlearn_lr: Annotated[float, typer.Option(help="Unlearning learning rate.")] = DEMO_UNLEARN["lr"],
+    finetune_epochs: Annotated[float, typer.Option(help="Epochs for target and oracle.")] = presets.DEMO_FINETUNE["epochs"],
+    finetune_lr: Annotated[float, typer.Option(help="Learning rate for target and oracle.")] = presets.DEMO_FINETUNE["lr"],
+    unlearn_epochs: Annotated[float, typer.Option(help="Unlearning epochs.")] = presets.DEMO_UNLEARN["epochs"],
+    unlearn_lr: Annotated[float, typer.Option(help="Unlearning learning rate.")] = presets.DEMO_UNLEARN["lr"],
     eval_every: Annotated[int, typer.Option(help="Evaluate every N unlearning steps for the report's trade-off "
-                                                 "curve (0: only before and after).")] = DEMO_UNLEARN["eval_every"],
-    batch_size: Annotated[int, typer.Option(help="Finetuning batch size.")] = DEMO_FINETUNE["batch_size"],
+                                                 "curve (0: only before and after).")] = presets.DEMO_UNLEARN["eval_every"],
+    batch_size: Annotated[int, typer.Option(help="Finetuning batch size.")] = presets.DEMO_FINETUNE["batch_size"],
     max_new_tokens: Annotated[int, typer.Option(help="Greedy generation limit in evaluation.")] = 48,
     dtype: Dtype = "float32", overwrite: Overwrite = False, resume: Resume = False, no_progress: NoProgress = False,
 ) -> None:
@@ -223,9 +220,9 @@ def demo(
 
     pcfg = PipelineConfig(model=model, method=method,
                           method_options=check_finite_options(parse_method_options(method_option), "method option"),
-                          finetune={**DEMO_FINETUNE, "epochs": finetune_epochs, "lr": finetune_lr,
+                          finetune={**presets.DEMO_FINETUNE, "epochs": finetune_epochs, "lr": finetune_lr,
                                     "batch_size": batch_size, "seed": seed},
-                          unlearn={**DEMO_UNLEARN, "epochs": unlearn_epochs, "lr": unlearn_lr, "seed": seed,
+                          unlearn={**presets.DEMO_UNLEARN, "epochs": unlearn_epochs, "lr": unlearn_lr, "seed": seed,
                                    "eval_every": eval_every},
                           dtype=dtype, max_new_tokens=max_new_tokens)
     # Bad options and a mistyped model path fail here, before anything is written.
