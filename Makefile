@@ -26,7 +26,11 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
 	  echo "chromium not installed: the report screenshot test will be skipped"
 
+# Static checks first (seconds): layers import only downward, lint, types; then the tests.
 test: env browser
+	$(BIN)/lint-imports
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra tests $(TEST_ARGS)
 
 clean:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from obliviate.bench import BenchConfig, run_bench
-from obliviate.pipeline import _fmt
+from obliviate.reporting.tables import SUMMARY, format_number
 from obliviate.runs import atomic_write_json, atomic_write_text, environment
 
 METHODS = [
@@ -74,7 +74,7 @@ def main() -> None:
               "seconds": round(time.time() - start, 1), "bench_dir": str(out), "environment": environment(0)}
     atomic_write_json(f"benchmarks/results/methods-{args.name}.json", result)
     lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    lines += [f"| {r['method']} | " + " | ".join(_fmt(r[k]) for k in COLUMNS) + " |" for r in rows]
+    lines += [f"| {r['method']} | " + " | ".join(format_number(r[k], SUMMARY) for k in COLUMNS) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
     atomic_write_text(f"benchmarks/results/methods-{args.name}.md", table)
     print(table)

@@ -5,7 +5,7 @@
     python benchmarks/bench_speed.py --model smollm2-135m --tofu ../shared/benchmarks/tofu --name tofu-h100
 
 Stages: ``sft`` (finetune on the train split), one per unlearning method (``npo``, ``graddiff``, ...:
-forget + retain) and ``evaluate`` (TOFU metrics on the evaluation sets). Each runs twice:
+forget + retain) and ``evaluate`` (TOFU metrics on the evaluation sets). Each runs in up to three modes:
 
 * ``fast``: the library path: ``training.loop.train`` (length-grouped batches, Accelerate, reference
   log-probs precomputed once) and ``evaluate_model`` (pairs deduplicated, batched scoring and
@@ -13,6 +13,15 @@ forget + retain) and ``evaluate`` (TOFU metrics on the evaluation sets). Each ru
 * ``naive``: a plain per-sample loop: batch size 1, rows in file order (no length grouping), for
   methods with a reference a live reference model that recomputes the reference log-probs at every
   step, and evaluation one pair and one question at a time. Same losses (the same method objects), same data, same optimiser.
+* ``floor``: the hardware floor on the same rows and the same model, with no obliviate machinery:
+  plain PyTorch/transformers ``model(input_ids, attention_mask, labels).loss.backward()`` + AdamW
+  step at full batches (``--batch-size`` rows sorted by length, so padding is minimal), one pass
+  over the stage's rows (the forget views the method trains on plus as many retain rows, for
+  unlearning); for ``evaluate`` a forward pass only (no grad) at ``--eval-batch-size`` over every
+  unique scored (question, answer) pair and every question's prompt followed by its true answer
+  (a stand-in for its generation). Each other mode is reported as a fraction of it:
+  ``fraction_of_floor`` = tokens/s of the mode / tokens/s of the floor (1.0: the stage runs as
+  fast as the bare model; generation's sequential decoding cannot reach a forward-only floor).
 
 Each stage starts from a freshly loaded model (loading is timed apart, not inside the stage).
 Reported per stage and mode: wall seconds, steps/s, tokens/s (non-padding tokens the stage exists to
@@ -22,6 +31,8 @@ reset before each stage through /proc/self/clear_refs, on CPU) and MFU on GPU (6
 tokens / seconds / the device's dense bf16 peak for training, 2 x for evaluation; null on CPU or an
 unknown GPU). The speed-up is fast tokens/s over naive tokens/s, so it holds on any machine. The
 naive stages can be capped to fewer rows (``--naive-rows``): throughputs are compared, not totals.
+
+    python benchmarks/bench_speed.py --modes fast,floor       # fraction of the floor only
 
 Writes ``benchmarks/results/<name>.json`` atomically, with ``obliviate.runs.environment()``.
 """
@@ -54,7 +65,7 @@ from obliviate.training.loop import train
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Dense bf16 peak FLOP/s by device name (first match wins, so "H100 PCIe" precedes "H100").
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
                    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
 
 
@@ -154,15 +165,26 @@ def _rates(record: dict, params: int, flops_per_token_param: int, peak: float | 
     return record
 
 
+def eval_pairs(sets: dict[str, QADataset]) -> list[tuple[str, str]]:
+    """Every unique (question, answer) pair TOFU evaluation scores, in first-seen order: each row's
+    answer and, on rows with perturbed answers, its paraphrased answer (or the answer) and each
+    perturbed answer."""
+    pairs: dict[tuple[str, str], None] = {}
+    for ds in sets.values():
+        for ex in ds.examples:
+            pairs[(ex.question, ex.answer)] = None
+            if ex.perturbed_answers:
+                base = ex.paraphrased_answer if ex.paraphrased_answer is not None else ex.answer
+                pairs[(ex.question, base)] = None
+                for p in ex.perturbed_answers:
+                    pairs[(ex.question, p)] = None
+    return list(pairs)
+
+
 def eval_tokens(fmt: ChatFormat, sets: dict[str, QADataset], result: dict) -> int:
     """Non-padding tokens evaluation exists to process: every unique scored pair (as
     ``evaluate_model`` plans them), every unique question's prompt, every generated answer."""
-    from obliviate.evaluation.evaluate import _Pairs, _plan
-
-    pairs = _Pairs(fmt)
-    for name, ds in sets.items():
-        _plan(name, ds, pairs)
-    scored = sum(len(fmt.encode(q, a, close=False)) for q, a in pairs.pairs)
+    scored = sum(len(fmt.encode(q, a, close=False)) for q, a in eval_pairs(sets))
     answers = {q: g for s in result["sets"].values()
                for q, g in zip(s["per_sample"]["question"], s["per_sample"]["generation"])}
     prompts = sum(len(fmt.prompt_ids(q)) for q in answers)
@@ -212,6 +234,100 @@ def naive_train(model, fmt: ChatFormat, method, primary: QADataset, retain: QADa
             optimizer.zero_grad(set_to_none=True)
             steps += 1
     return {"steps": steps, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------------------------
+# the floor: plain PyTorch at full batch, no obliviate machinery
+
+def full_batches(seqs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> list[tuple]:
+    """(input_ids, labels) sequences -> padded batches of ``batch_size``, longest first (minimal padding):
+    (input_ids, attention_mask, labels) tensors, labels -100 on padding."""
+    order = sorted(seqs, key=lambda s: -len(s[0]))
+    out = []
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        width = len(chunk[0][0])
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for j, (x, y) in enumerate(chunk):
+            ids[j, :len(x)] = torch.tensor(x)
+            mask[j, :len(x)] = 1
+            labels[j, :len(y)] = torch.tensor(y)
+        out.append((ids, mask, labels))
+    return out
+
+
+def floor_train(model, batches: list[list[tuple]], lr: float, mixed_precision: str, device: torch.device) -> dict:
+    """One optimizer step per group of batches (a forget batch and its retain batch): forward,
+    backward, AdamW. The first group runs once untimed (kernel selection, allocator warm-up)."""
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, **({"fused": True} if device.type == "cuda" else {}))
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision == "bf16" else nullcontext())
+    on_device = [[tuple(t.to(device) for t in b) for b in group] for group in batches]
+
+    def step(group) -> None:
+        for ids, mask, labels in group:
+            with autocast:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(on_device[0])
+    return _timed(device, lambda: [step(g) for g in on_device],
+                  steps=len(on_device), tokens=sum(int(b[1].sum()) for g in batches for b in g))
+
+
+def floor_forward(model, batches: list[tuple], mixed_precision: str, device: torch.device) -> dict:
+    """Forward passes only (no grad) over ``batches``; the first runs once untimed."""
+    model.to(device).eval()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision == "bf16" else nullcontext())
+    on_device = [tuple(t.to(device) for t in b) for b in batches]
+
+    def forward(b) -> None:
+        with torch.inference_mode(), autocast:
+            model(input_ids=b[0], attention_mask=b[1])
+
+    forward(on_device[0])
+    return _timed(device, lambda: [forward(b) for b in on_device],
+                  steps=len(on_device), tokens=sum(int(b[1].sum()) for b in batches))
+
+
+def _timed(device: torch.device, fn, **record) -> dict:
+    with measured(device) as out:
+        fn()
+    return {**record, **out}
+
+
+def run_floor_stage(name: str, args, spec: str, tok, fmt: ChatFormat, data: Data, device: torch.device) -> dict:
+    """The floor of stage ``name`` on the rows the fast mode uses (see the module docstring)."""
+    pad_id = tok.pad_token_id
+    model = load_model(spec, dtype=args.dtype, device=device)
+    if name == "evaluate":
+        sets = data.eval_sets
+        seqs = [(e.input_ids, e.labels) for e in (fmt.encode(q, a, close=False) for q, a in eval_pairs(sets))]
+        questions = {ex.question: ex.answer for ds in sets.values() for ex in ds.examples}
+        seqs += [(fmt.prompt_ids(q) + fmt.answer_ids(a), []) for q, a in questions.items()]
+        record = floor_forward(model, full_batches(seqs, args.eval_batch_size, pad_id), args.mixed_precision, device)
+        record.update(stage=name, mode="floor", rows=sum(len(ds) for ds in sets.values()),
+                      batch_size=args.eval_batch_size)
+        return record
+    finetune = name == "sft"
+    views = ("answer",) if finetune else tuple(build_method(name).views)
+    uses_retain = not finetune and build_method(name).uses_retain
+    primary = data.train if finetune else data.forget
+    rows = [(e.input_ids, e.labels) for r in encode_views(fmt, primary, views) for e in r.values()]
+    groups = [[b] for b in full_batches(rows, args.batch_size, pad_id)]
+    if uses_retain:  # one retain batch of the same size per forget batch, as the loop draws them
+        encoded = [r["answer"] for r in encode_views(fmt, data.retain, ("answer",))]
+        retain = [(encoded[i % len(encoded)].input_ids, encoded[i % len(encoded)].labels) for i in range(len(primary))]
+        for group, b in zip(groups, full_batches(retain, args.batch_size, pad_id)):
+            group.append(b)
+    record = floor_train(model, groups, 2e-4 if finetune else 1e-5, args.mixed_precision, device)
+    record.update(stage=name, mode="floor", rows=len(primary), epochs=1, batch_size=args.batch_size)
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows", type=int, default=0, help="keep only the first N rows of every split (0: all)")
     p.add_argument("--stages", default="sft,npo,graddiff,evaluate",
                    help="comma-separated: sft, evaluate, and unlearning method names")
-    p.add_argument("--modes", default="fast,naive")
+    p.add_argument("--modes", default="fast,naive,floor",
+                   help="comma-separated: fast (the library), naive (per-sample baseline), floor (plain PyTorch)")
     p.add_argument("--naive-rows", type=int, default=12, help="cap the naive stages to N rows per split (0: all)")
     p.add_argument("--epochs", type=float, default=3.0, help="finetuning epochs")
     p.add_argument("--unlearn-epochs", type=float, default=5.0)
@@ -302,8 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if set(modes) - {"fast", "naive"}:
-        p.error("--modes takes fast and/or naive")
+    if not modes or set(modes) - {"fast", "naive", "floor"}:
+        p.error("--modes takes fast, naive and/or floor")
     name = args.name or f"{Path(args.model).name}-{device.type}"
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -319,18 +436,28 @@ def main(argv: list[str] | None = None) -> dict:
         records = []
         for stage in stages:
             for mode in modes:
-                if stage == "evaluate":
+                if mode == "floor":
+                    record = _rates(run_floor_stage(stage, args, spec, tok, fmt, data, device), params,
+                                    2 if stage == "evaluate" else 6, peak)
+                elif stage == "evaluate":
                     record = _rates(run_eval_stage(mode, args, spec, tok, fmt, data, device), params, 2, peak)
                 else:
                     record = _rates(run_train_stage(stage, mode, args, spec, tok, fmt, data, device), params, 6, peak)
                 records.append(record)
                 print(_line(record), flush=True)
 
-    speedup = {}
+    speedup: dict[str, float] = {}
+    of_floor: dict[str, dict[str, float]] = {}
     for stage in stages:
         by_mode = {r["mode"]: r for r in records if r["stage"] == stage}
         if {"fast", "naive"} <= set(by_mode):
             speedup[stage] = round(by_mode["fast"]["tokens_per_second"] / by_mode["naive"]["tokens_per_second"], 2)
+        if "floor" in by_mode:
+            floor = by_mode["floor"]["tokens_per_second"]
+            for mode, r in by_mode.items():
+                r["fraction_of_floor"] = round(r["tokens_per_second"] / floor, 4)
+                if mode != "floor":
+                    of_floor.setdefault(stage, {})[mode] = r["fraction_of_floor"]
     report = {
         "name": name,
         "model": {"spec": args.model, "parameters": params, "dtype": args.dtype, "load_seconds": load_seconds},
@@ -342,10 +469,12 @@ def main(argv: list[str] | None = None) -> dict:
         "options": vars(args),
         "stages": records,
         "speedup_fast_over_naive": speedup,
+        "fraction_of_floor": of_floor,
         "environment": environment(args.seed),
     }
     path = atomic_write_json(Path(args.out_dir) / f"{name}.json", report)
-    print(f"speed-up (tokens/s, fast / naive): {speedup}\nwrote {path}")
+    print(f"speed-up (tokens/s, fast / naive): {speedup}\nfraction of the floor (tokens/s): {of_floor}\n"
+          f"wrote {path}")
     return report
 
 

@@ -140,7 +140,8 @@ def test_data_changed_since_the_run_fails(tmp_path):
         fh.write('{"question": "new?", "answer": "row"}\n')
     rec = certify(run, Thresholds(min_forget_quality=0.0))
     check = _check(rec, "forget_data_unchanged")
-    assert check["verdict"] == "fail" and check["threshold"] == json.loads((run / "data.json").read_text())["forget"]["sha256"]
+    recorded = json.loads((run / "data.json").read_text())["forget"]["sha256"]
+    assert check["verdict"] == "fail" and check["threshold"] == recorded
     assert _entries(rec, "verdict")[0]["verdict"] == "fail"
 
 
@@ -275,7 +276,8 @@ def test_certify_and_verify_cli(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from obliviate.cli.evidence import certify as certify_cmd, verify as verify_cmd
+    from obliviate.cli.evidence import certify as certify_cmd
+    from obliviate.cli.evidence import verify as verify_cmd
 
     app = typer.Typer()
     app.command("certify")(certify_cmd)

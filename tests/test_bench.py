@@ -48,7 +48,8 @@ UE = "unierase-preserve_generalFalse-target_steps3-token_steps3"  # the cell lab
 
 def test_bench_runs_matrix_reuses_target_and_resumes(tmp_path, tiny_model_dir, small_bench):
     cfg = {"benchmark": str(small_bench), "model": str(tiny_model_dir), "forget_splits": ["forget"],
-           "methods": ["ga", "graddiff", {"name": "unierase", "options": UNIERASE_FAST}], "seeds": [0], "finetune": {"epochs": 1, "lr": 3e-3},
+           "methods": ["ga", "graddiff", {"name": "unierase", "options": UNIERASE_FAST}], "seeds": [0],
+           "finetune": {"epochs": 1, "lr": 3e-3},
            "unlearn": {"epochs": 1, "lr": 1e-3}, "max_new_tokens": 6}
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(cfg))
     runner = CliRunner()

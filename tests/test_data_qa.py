@@ -73,8 +73,8 @@ def test_template_labels_cover_answer_and_end_of_turn_only(tiny_model_dir):
 
 
 def test_answer_longer_than_context_is_a_located_error(tiny_model_dir, tmp_path):
-    from obliviate.data.chat import ChatFormat
     from obliviate.data.batches import encode_views
+    from obliviate.data.chat import ChatFormat
 
     path = write(tmp_path / "d.jsonl", [{"question": "q", "answer": "short"}, {"question": "q", "answer": "x" * 500}])
     fmt = ChatFormat(load_tokenizer(str(tiny_model_dir)), max_length=100)

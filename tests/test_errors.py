@@ -21,9 +21,9 @@ from obliviate.cli.main import app
 from obliviate.data.qa import DataError, load_qa, load_qa_file
 from obliviate.data.text import load_text_corpus
 from obliviate.errors import UserError
+from obliviate.methods.unierase import UniEraseOptions
 from obliviate.models.loading import ModelNotFoundError, check_model_spec, load_tokenizer
 from obliviate.training.config import TrainConfig
-from obliviate.methods.unierase import UniEraseOptions
 
 runner = CliRunner()
 ROWS = [{"question": f"Who is person {i}?", "answer": f"Person {i} is a poet."} for i in range(4)]

@@ -96,7 +96,8 @@ def test_values_against_independent_computation(tiny, result):
         np.testing.assert_allclose(ps["rouge"], rouge_l_recall([e.answer for e in ds], generations))
         if name in ("real_authors", "world_facts"):
             for e, got in zip(ds, ps["probability"]):
-                p = [math.exp(-s.nll) for s in score_pairs(model, fmt, [(e.question, a) for a in [e.answer, *e.perturbed_answers]])]
+                pairs = [(e.question, a) for a in [e.answer, *e.perturbed_answers]]
+                p = [math.exp(-s.nll) for s in score_pairs(model, fmt, pairs)]
                 assert got == pytest.approx(p[0] / sum(p), rel=1e-5)
         else:
             np.testing.assert_allclose(ps["probability"], np.exp(-answer_nll), rtol=1e-5)

@@ -10,8 +10,14 @@ import math
 import pytest
 import torch
 
-from obliviate.attribution import (GuardConfig, compute_guard, guard_attributions, guard_weights,
-                                   load_guard_weights, save_guard)
+from obliviate.attribution import (
+    GuardConfig,
+    compute_guard,
+    guard_attributions,
+    guard_weights,
+    load_guard_weights,
+    save_guard,
+)
 from obliviate.attribution.guard import count_sketch
 from obliviate.data.chat import IGNORE, ChatFormat
 from obliviate.data.qa import QADataset, QAExample
@@ -125,7 +131,8 @@ def test_weights_by_hand():
     torch.testing.assert_close(guard_weights(a, tau=2.0, relative_tau=False),
                                torch.tensor([3 / z2, 3 * math.exp(-0.5) / z2, 3 * math.exp(-1) / z2]))
     # relative tau: the temperature is tau * std(a) (population std of 0, 1, 2 is sqrt(2/3))
-    torch.testing.assert_close(guard_weights(a, tau=2.0), guard_weights(a, tau=2.0 * math.sqrt(2 / 3), relative_tau=False))
+    torch.testing.assert_close(guard_weights(a, tau=2.0),
+                               guard_weights(a, tau=2.0 * math.sqrt(2 / 3), relative_tau=False))
 
 
 def test_weights_sum_to_n_and_order_inversely_to_attribution():
@@ -218,7 +225,8 @@ def test_api_unlearn_with_guard(model_dir, tmp_path):
     # with WAGLE too: both files in the run
     api.unlearn(model_dir, FORGET, RETAIN, tmp_path / "both", method="graddiff", train=cfg, guard={"tau": 0.5},
                 wagle={"rho": 0.1}, progress=False)
-    assert (tmp_path / "both" / "guard_weights.json").exists() and (tmp_path / "both" / "wagle_mask.safetensors").exists()
+    both = tmp_path / "both"
+    assert (both / "guard_weights.json").exists() and (both / "wagle_mask.safetensors").exists()
     with pytest.raises(ValueError, match="GUARD needs retain"):
         api.unlearn(model_dir, FORGET, None, tmp_path / "run2", method="ga", train=cfg, guard={"tau": 0.5},
                     progress=False)

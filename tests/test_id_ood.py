@@ -11,8 +11,16 @@ import pytest
 
 from obliviate.data.qa import DataError
 from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
-from obliviate.studies.id_ood import (GROUPS, IdOodConfig, _median_split, censored_median, finding, run_id_ood,
-                                      steps_to_reach, summary_table)
+from obliviate.studies.id_ood import (
+    GROUPS,
+    IdOodConfig,
+    _median_split,
+    censored_median,
+    finding,
+    run_id_ood,
+    steps_to_reach,
+    summary_table,
+)
 
 
 @pytest.fixture(scope="module")

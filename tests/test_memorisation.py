@@ -7,10 +7,21 @@ import torch
 from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import QADataset, QAExample
 from obliviate.evaluation.logprobs import TokenScores
-from obliviate.evaluation.memorisation import (exact_memorisation, extraction_strength, memorisation_report,
-                                               run_memorisation)
-from obliviate.evaluation.muse import (continue_texts, knowmem, knowmem_scores, rouge_l, text_stop_ids, verbmem,
-                                       verbmem_scores)
+from obliviate.evaluation.memorisation import (
+    exact_memorisation,
+    extraction_strength,
+    memorisation_report,
+    run_memorisation,
+)
+from obliviate.evaluation.muse import (
+    continue_texts,
+    knowmem,
+    knowmem_scores,
+    rouge_l,
+    text_stop_ids,
+    verbmem,
+    verbmem_scores,
+)
 from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.models.tiny import build_tiny_model
 
@@ -146,6 +157,7 @@ def test_verbmem_on_a_model(tiny):
     model, tok = tiny
     result = verbmem(model, tok, ["The", "Once"], ["cat sat", "upon a time"], max_new_tokens=4)
     assert len(result["generation"]) == 2
-    assert result["per_sample"] == [rouge_l(r, g).fmeasure for g, r in zip(result["generation"], ["cat sat", "upon a time"])]
+    references = ["cat sat", "upon a time"]
+    assert result["per_sample"] == [rouge_l(r, g).fmeasure for g, r in zip(result["generation"], references)]
     with pytest.raises(ValueError, match="prompts but"):
         verbmem(model, tok, ["The"], [])

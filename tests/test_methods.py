@@ -10,17 +10,31 @@ import math
 import pytest
 import torch
 
-from obliviate.data.chat import ChatFormat, pad_batch
-from obliviate.data.refusal import refusal_for
 from obliviate.data.batches import collate, encode_views
+from obliviate.data.chat import ChatFormat, pad_batch
 from obliviate.data.qa import QADataset, QAExample
-from obliviate.methods import (FORGET, PRESETS, PROCEDURES, Composite, Method, Procedure, StepInputs, build_method,
-                               kl_on_labels, list_methods, method_options, per_sample_nll, reference_logps,
-                               reference_logps_for_rows, sequence_logps)
-from obliviate.methods.unierase import UniErase, UniEraseOptions
+from obliviate.data.refusal import refusal_for
+from obliviate.methods import (
+    FORGET,
+    PRESETS,
+    PROCEDURES,
+    Composite,
+    Method,
+    Procedure,
+    StepInputs,
+    build_method,
+    kl_on_labels,
+    list_methods,
+    method_options,
+    per_sample_nll,
+    reference_logps,
+    reference_logps_for_rows,
+    sequence_logps,
+)
 from obliviate.methods.common import hidden_states_at
 from obliviate.methods.ga import GradientAscent
 from obliviate.methods.npo import NPO
+from obliviate.methods.unierase import UniErase, UniEraseOptions
 from obliviate.models.tiny import build_tiny_model
 
 FORGET_QA = [

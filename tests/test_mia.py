@@ -8,9 +8,20 @@ import torch
 from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import QADataset, QAExample
 from obliviate.evaluation.logprobs import TokenScores
-from obliviate.evaluation.mia import (auc, gradnorm_scores, loss_score, mia_report, mia_scores, min_k_count,
-                                      min_k_plus_plus_score, min_k_score, privleak, reference_score, run_mia,
-                                      zlib_score)
+from obliviate.evaluation.mia import (
+    auc,
+    gradnorm_scores,
+    loss_score,
+    mia_report,
+    mia_scores,
+    min_k_count,
+    min_k_plus_plus_score,
+    min_k_score,
+    privleak,
+    reference_score,
+    run_mia,
+    zlib_score,
+)
 from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.models.tiny import build_tiny_model
 

@@ -23,7 +23,6 @@ from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.models.tiny import build_tiny_model
 from obliviate.pipeline import PipelineConfig, run_pipeline
 
-
 # ------------------------------------------------------------------------------------------- slow references
 
 def slow_token_logprobs(model, fmt, question, answer):
@@ -126,7 +125,8 @@ def count_forward(monkeypatch):
 @pytest.fixture(scope="module")
 def three_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("three")
-    return {label: build_tiny_model(root / label, seed=10 + i) for i, label in enumerate(("target", "oracle", "unlearned"))}
+    return {label: build_tiny_model(root / label, seed=10 + i)
+            for i, label in enumerate(("target", "oracle", "unlearned"))}
 
 
 def test_privacy_of_models_scores_the_reference_once(tiny, three_models, tiny_model_dir, count_forward):

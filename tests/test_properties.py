@@ -22,8 +22,8 @@ from obliviate.attribution import GuardConfig, WagleConfig
 from obliviate.data.qa import DataError, QADataset, load_qa_file
 from obliviate.data.synthetic import SyntheticConfig
 from obliviate.data.text import TextCorpus, load_text_corpus
-from obliviate.training.config import TrainConfig
 from obliviate.methods.unierase import UniEraseOptions
+from obliviate.training.config import TrainConfig
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIELDS = ["question", "answer", "paraphrased_answer", "perturbed_answer", "paraphrased_question", "meta"]

@@ -5,8 +5,13 @@ import pytest
 import torch
 
 from obliviate.attacks import quantise as quantise_mod
-from obliviate.attacks.quantise import (fake_quantise, load_bnb_quantised, quantisable_linears, quantisation_scale,
-                                        quantise_model_rtn)
+from obliviate.attacks.quantise import (
+    fake_quantise,
+    load_bnb_quantised,
+    quantisable_linears,
+    quantisation_scale,
+    quantise_model_rtn,
+)
 from obliviate.models.loading import apply_lora, load_model
 from obliviate.models.tiny import build_tiny_model
 

@@ -22,9 +22,7 @@ import yaml
 from scipy.stats import hmean, ks_2samp
 
 from obliviate.reporting.registry import LeaderboardRow, leaderboard, rank_rows
-
 from obliviate.runs.fingerprint import config_hash, model_fingerprint, sha256_path
-
 from obliviate.runs.registry import Registry, default_registry_path
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +154,8 @@ def write_attacks(run: Path, seed: int = 0) -> None:
     un_rouge = np.cumsum(rng.uniform(0.05, 0.2, 4)).tolist()
     _write_json(run / "attacks" / "relearn.json", {
         "steps": steps, "forget_rouge": un_rouge, "forget_probability": [x / 2 for x in un_rouge],
-        "oracle": {"steps": steps, "forget_rouge": [0.1, 0.15, 0.2, 0.3], "forget_probability": [0.05, 0.07, 0.1, 0.15]},
+        "oracle": {"steps": steps, "forget_rouge": [0.1, 0.15, 0.2, 0.3],
+                   "forget_probability": [0.05, 0.07, 0.1, 0.15]},
         "summary": {"recovery": float(rng.uniform(0.2, 0.6))}})
     _write_json(run / "attacks" / "quantise.json", {
         bits: {"forget_quality": float(rng.uniform(1e-6, 0.3)), "model_utility": float(rng.uniform(0.3, 0.5)),

@@ -10,9 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from obliviate.attacks.relearn import (RelearnConfig, RelearnSplit, attribute_subset, forget_subset, from_file,
-                                       keyword_hit, keywords, recovery, relearn_attack, relearn_curve,
-                                       retain_neighbours, summarise)
+from obliviate.attacks.relearn import (
+    RelearnConfig,
+    RelearnSplit,
+    attribute_subset,
+    forget_subset,
+    from_file,
+    keyword_hit,
+    keywords,
+    recovery,
+    relearn_attack,
+    relearn_curve,
+    retain_neighbours,
+    summarise,
+)
 from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import DataError, QADataset, QAExample
 from obliviate.evaluation.logprobs import score_pairs

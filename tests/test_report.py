@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from obliviate.reporting import plots
-from obliviate.runs.registry import RunFileError
 from obliviate.reporting.report import load_run, metric_side, write_report
+from obliviate.runs.registry import RunFileError
 from test_registry import fake_eval, make_demo_run, make_unlearn_run, questions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,11 +62,12 @@ def test_metric_tables_split_forget_and_utility_sides(built):
     models = json.loads((unlearn / "metrics.json").read_text())["models"]
     forget = _section(section, "<h4>forget side</h4>", "<h4>utility side</h4>")
     utility = _section(section, "<h4>utility side</h4>", "</table>")
+    labels = ("target", "oracle", "unlearned")
     for key in ("forget_quality", "forget_rouge", "forget_truth_ratio", "mia_auc_mink", "privleak"):
-        cells = "".join(f"<td class='num'>{fmt(models[label][key])}</td>" for label in ("target", "oracle", "unlearned"))
+        cells = "".join(f"<td class='num'>{fmt(models[label][key])}</td>" for label in labels)
         assert f"<td class=''>{key}</td>{cells}" in forget
     for key in ("model_utility", "retain_rouge", "real_authors_probability", "world_facts_truth_ratio"):
-        cells = "".join(f"<td class='num'>{fmt(models[label][key])}</td>" for label in ("target", "oracle", "unlearned"))
+        cells = "".join(f"<td class='num'>{fmt(models[label][key])}</td>" for label in labels)
         assert f"<td class=''>{key}</td>{cells}" in utility
     assert "<th>metric</th><th>target</th><th>oracle</th><th>unlearned</th>" in forget
 
@@ -168,7 +169,7 @@ def test_tradeoff_figure_plots_trajectory_on_log_axis():
     fig = plots.tradeoff_figure({"npo": traj}, {"oracle": (1.0, 0.58), "target": (None, 0.6)})
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
-    (line,) = [l for l in ax.get_lines() if l.get_label() == "npo"]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "npo"]
     assert list(line.get_xdata()) == [1e-12, plots.FQ_FLOOR, 0.3] and list(line.get_ydata()) == [0.6, 0.55, 0.45]
     (oracle,) = ax.collections
     assert oracle.get_offsets().tolist() == [[1.0, 0.58]]  # target has no forget quality: not drawn
@@ -177,12 +178,13 @@ def test_tradeoff_figure_plots_trajectory_on_log_axis():
 
 def test_relearn_figure_plots_both_models():
     relearn = {"steps": [0, 5, 10], "forget_rouge": [0.1, 0.3, 0.6], "forget_probability": [0.01, 0.1, 0.2],
-               "oracle": {"steps": [0, 5, 10], "forget_rouge": [0.1, 0.2, 0.25], "forget_probability": [0.0, 0.05, 0.1]},
+               "oracle": {"steps": [0, 5, 10], "forget_rouge": [0.1, 0.2, 0.25],
+                          "forget_probability": [0.0, 0.05, 0.1]},
                "summary": {"recovery": 0.5}}
     fig = plots.relearn_figure(relearn)
     assert len(fig.axes) == 2
     for ax, key in zip(fig.axes, ("forget_rouge", "forget_probability")):
-        lines = {l.get_label(): list(l.get_ydata()) for l in ax.get_lines()}
+        lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
         assert lines == {"unlearned": relearn[key], "oracle": relearn["oracle"][key]}
     assert "0.500" in fig._suptitle.get_text()
 
@@ -208,7 +210,7 @@ def test_loss_figure_plots_each_part():
     rows = [{"step": s, "loss": 3.0 - s / 10, "forget_loss": 2.0, "retain_loss": 1.0 - s / 10, "lr": 1e-5}
             for s in range(1, 6)] + [{"step": 6, "lr": 1e-5}]
     ax = plots.loss_figure(rows).axes[0]
-    lines = {l.get_label(): (list(l.get_xdata()), list(l.get_ydata())) for l in ax.get_lines()}
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
     assert set(lines) == {"loss", "forget_loss", "retain_loss"}
     assert lines["loss"] == ([1, 2, 3, 4, 5], [3.0 - s / 10 for s in range(1, 6)])
 

@@ -88,7 +88,8 @@ def test_sigterm_marks_the_run_interrupted(tmp_path, tiny_model_dir, qa_file):
     assert status["status"] == "interrupted" and "SIGTERM" in status["reason"]
     assert "Traceback" not in err and "--resume" in err
     with sqlite3.connect(registry) as db:
-        assert db.execute("SELECT status FROM runs WHERE path = ?", (str(out.resolve()),)).fetchone() == ("interrupted",)
+        row = db.execute("SELECT status FROM runs WHERE path = ?", (str(out.resolve()),)).fetchone()
+    assert row == ("interrupted",)
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model_dir, qa_file):
@@ -156,3 +157,16 @@ def test_resume_of_a_finished_run_with_other_options_refuses(tmp_path, tiny_mode
     assert run(*base, "--resume").exit_code == 0  # the same run: returned as it is
     res = run(*base, "--resume", "--seed", "3")
     assert res.exit_code == 2 and "train.seed" in res.output
+
+
+def test_corrupt_registry_is_one_line_and_never_costs_a_run(tmp_path, tiny_model_dir, qa_file, monkeypatch):
+    registry = tmp_path / "broken.db"
+    registry.write_bytes(b"this is not an SQLite database" * 100)
+    res = run("runs", "list", "--registry", registry)
+    assert res.exit_code == 2 and "broken.db" in res.output and "Traceback" not in res.output
+    monkeypatch.setenv("OBLIVIATE_REGISTRY", str(registry))
+    with pytest.warns(UserWarning, match="run registry"):
+        res = runner.invoke(app, ["finetune", str(qa_file), "--model", str(tiny_model_dir), "--out",
+                                  str(tmp_path / "run"), "--epochs", "1", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "done"

@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 from obliviate.data.qa import load_qa_file
-from obliviate.data.synthetic import (ATTRIBUTE_BY_NAME, CANARY_BY_NAME, PATTERN_CHARS, SyntheticConfig,
-                                      generate_benchmark, write_benchmark)
+from obliviate.data.synthetic import (
+    ATTRIBUTE_BY_NAME,
+    CANARY_BY_NAME,
+    PATTERN_CHARS,
+    SyntheticConfig,
+    generate_benchmark,
+    write_benchmark,
+)
 from obliviate.data.world_facts import real_authors, world_facts
 
 ENTITY_SPLITS = ("full", "forget", "retain", "holdout", "forget_perturbed", "retain_perturbed",

@@ -3,7 +3,6 @@ checkpoints resume to the same result, logs and configs are written."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

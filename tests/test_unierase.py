@@ -17,11 +17,24 @@ from obliviate.data.qa import QADataset, QAExample
 from obliviate.data.refusal import REFUSALS, refusal_for
 from obliviate.evaluation.generation import generate_answers, greedy_batch, stop_token_ids
 from obliviate.methods.common import per_sample_nll
+from obliviate.methods.unierase import (
+    UNLEARN_TOKEN,
+    UniEraseOptions,
+    add_unlearn_token,
+    alphaedit_update,
+    nullspace_projector,
+    train_unlearn_token,
+    unierase,
+)
+from obliviate.methods.unierase.edit import (
+    capture,
+    down_proj,
+    key_second_moment,
+    last_position_tokens,
+    make_tokens,
+    optimise_targets,
+)
 from obliviate.models.tiny import build_tiny_model
-from obliviate.methods.unierase import (UNLEARN_TOKEN, UniEraseOptions, add_unlearn_token, alphaedit_update,
-                                        nullspace_projector, train_unlearn_token, unierase)
-from obliviate.methods.unierase.edit import (capture, down_proj, key_second_moment, last_position_tokens,
-                                             make_tokens, optimise_targets)
 
 # Answers start with different letters: the tiny byte-level model decides the first answer token
 # from little more than that letter, so questions sharing it share their last-position key.
@@ -276,7 +289,7 @@ def test_only_the_chosen_down_projections_change(edited, stage1):
     before = stage1[0].state_dict()
     after = edited[0].state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert changed == {f"model.layers.{l}.mlp.down_proj.weight" for l in LAYERS}
+    assert changed == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in LAYERS}
 
 
 def test_checkpoint_reloads_with_the_token(edited):
@@ -338,15 +351,15 @@ def test_captured_keys_and_hidden_states_match_plain_forward(knows):
     batch = make_tokens(rows, [2, 0, 5], [9, 4, len(rows[2])], tok.pad_token_id)
     keys, hidden = capture(model, batch, [0, 1], out_layer=2)
     seen = {}
-    hooks = [down_proj(model, l).register_forward_pre_hook(lambda m, a, l=l: seen.__setitem__(l, a[0]))
-             for l in (0, 1)]
+    hooks = [down_proj(model, layer).register_forward_pre_hook(lambda m, a, layer=layer: seen.__setitem__(layer, a[0]))
+             for layer in (0, 1)]
     with torch.no_grad():
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
     for h in hooks:
         h.remove()
-    for l in (0, 1):
-        expected = torch.cat([seen[l][0, 2:9], seen[l][1, 0:4], seen[l][2, 5:len(rows[2])]])
-        assert torch.equal(keys[l], expected)
+    for layer in (0, 1):
+        expected = torch.cat([seen[layer][0, 2:9], seen[layer][1, 0:4], seen[layer][2, 5:len(rows[2])]])
+        assert torch.equal(keys[layer], expected)
     assert torch.equal(hidden, out.hidden_states[3][batch.select])  # hidden_states[i + 1]: output of layer i
 
 

@@ -6,8 +6,16 @@ import json
 
 import pytest
 
-from obliviate.evaluation.verdict import (FAIL, NOT_MEASURED, PASS, PIPELINE_THRESHOLDS, Thresholds, measure,
-                                          pipeline_verdict, run_checks)
+from obliviate.evaluation.verdict import (
+    FAIL,
+    NOT_MEASURED,
+    PASS,
+    PIPELINE_THRESHOLDS,
+    Thresholds,
+    measure,
+    pipeline_verdict,
+    run_checks,
+)
 from obliviate.pipeline import verdict
 from obliviate.reporting.audit import certify
 from test_registry import make_unlearn_run

@@ -10,8 +10,16 @@ import json
 import pytest
 import torch
 
-from obliviate.attribution import (WagleConfig, compute_wagle_mask, load_mask, mask_report, module_type, save_mask,
-                                   select_top, wagle_scores)
+from obliviate.attribution import (
+    WagleConfig,
+    compute_wagle_mask,
+    load_mask,
+    mask_report,
+    module_type,
+    save_mask,
+    select_top,
+    wagle_scores,
+)
 from obliviate.attribution.wagle import WagleMask, layer_of
 from obliviate.data.chat import IGNORE, ChatFormat
 from obliviate.data.qa import QADataset, QAExample
@@ -240,8 +248,8 @@ def test_weights_outside_the_mask_are_bit_identical_after_adamw_with_decay(tiny,
 def test_a_plain_gradient_mask_with_decoupled_decay_moves_frozen_weights(tiny):
     """The naive approach (mask the gradient, let AdamW decay every weight) changes weights outside the
     mask: decoupled weight decay shrinks them although their gradient is zero."""
-    from obliviate.methods import StepInputs
     from obliviate.data.batches import collate, encode_views
+    from obliviate.methods import StepInputs
 
     model, fmt = tiny
     model = copy.deepcopy(model).train()
@@ -256,7 +264,8 @@ def test_a_plain_gradient_mask_with_decoupled_decay_moves_frozen_weights(tiny):
     retain_rows = encode_views(fmt, RETAIN, ("answer",))
     pad = fmt.tokenizer.pad_token_id
     for _ in range(3):
-        loss, _ = method(StepInputs(model, collate(forget_rows[:2], [0, 1], pad), collate(retain_rows[:2], [0, 1], pad)))
+        inputs = StepInputs(model, collate(forget_rows[:2], [0, 1], pad), collate(retain_rows[:2], [0, 1], pad))
+        loss, _ = method(inputs)
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -29,8 +29,13 @@ from obliviate.data.benchmark import load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.qa import QADataset
 from obliviate.data.sources import DataSpec, as_dataset
-from obliviate.evaluation.evaluate import (eval_sets_from_benchmark, evaluate_with_scores, load_eval, save_eval,
-                                           summary_row)
+from obliviate.evaluation.evaluate import (
+    eval_sets_from_benchmark,
+    evaluate_with_scores,
+    load_eval,
+    save_eval,
+    summary_row,
+)
 from obliviate.evaluation.scores import ModelScores, Pair
 from obliviate.methods import Procedure, build_method
 from obliviate.models.fingerprint import model_sha256
@@ -117,7 +122,7 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
     forget_ds, retain_ds = datasets["forget"], datasets.get("retain")
     with run.running("unlearn", resume=resume):
         tokenizer, net, fmt = _load(model, dtype, system_prompt, max_length, trust_remote_code)
-        if procedure:
+        if isinstance(built, Procedure):
             result = built.apply(net, tokenizer, forget_ds, retain_ds, fmt, general=datasets.get("general"), log=log)
             out_dir = run.file("model")
             if run.writer:  # the statistics travel with the checkpoint (model/<method>.json)
@@ -166,7 +171,8 @@ def evaluate_scored(model: str | Path, benchmark: str | Path | dict[str, QADatas
         check_model_spec(str(model))
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise RunError(f"{out} is a file, not a directory: give --out a directory")
-    sets = benchmark if isinstance(benchmark, dict) else eval_sets_from_benchmark(load_benchmark(benchmark, forget_split))
+    sets = benchmark if isinstance(benchmark, dict) else \
+        eval_sets_from_benchmark(load_benchmark(benchmark, forget_split))
     oracle = load_eval(oracle_eval) if isinstance(oracle_eval, (str, Path)) else oracle_eval
     if tokenizer is None:
         tokenizer = load_tokenizer(str(model), trust_remote_code=trust_remote_code)
@@ -243,6 +249,7 @@ def _train(run: RunDir, model, tokenizer, fmt: ChatFormat, method, primary: QADa
         save_checkpoint(result.model, tokenizer, out, merge_lora=train.merge_lora, state_dict=result.state_dict)
     processes().wait_for_everyone()  # every process returns a checkpoint that exists
     run.write_json("train_stats.json", {"steps": result.steps, "seconds": round(result.seconds, 3),
-                                        "tokens": result.tokens, "tokens_per_second": round(result.tokens_per_second, 2),
+                                        "tokens": result.tokens,
+                                        "tokens_per_second": round(result.tokens_per_second, 2),
                                         "last_loss": result.last_loss})
     return out

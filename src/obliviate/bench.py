@@ -96,7 +96,8 @@ class BenchConfig:
                 methods.append(MethodSpec(m))
             elif isinstance(m, dict) and "name" in m and set(m) <= {"name", "options", "wagle", "guard"}:
                 methods.append(MethodSpec(m["name"], dict(m.get("options") or {}),
-                                          *(None if m.get(k) is None else dict(m[k] or {}) for k in ("wagle", "guard"))))
+                                          *(None if m.get(k) is None else dict(m[k] or {})
+                                            for k in ("wagle", "guard"))))
             else:
                 raise ValueError(f"{source}: methods[{i}] must be a name or "
                                  "{name: ..., options: {...}, wagle: {...}, guard: {...}}")
@@ -116,7 +117,7 @@ def _benchmark_dir(cfg: BenchConfig, out: Path) -> str:
         return cfg.benchmark
     directory = out / "benchmark"
     if not (directory / "benchmark.json").exists():
-        scfg = SyntheticConfig(**cfg.synthetic)
+        scfg = SyntheticConfig.from_dict(cfg.synthetic or {})
         write_benchmark(generate_benchmark(scfg), directory, scfg)
     return str(directory)
 
@@ -137,11 +138,12 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, overwrite: bool = False, pro
         for seed in cfg.seeds:
             for split in cfg.forget_splits:
                 bench = load_benchmark(bench_dir, forget_split=split)
-                shared = {"target": out / f"target-s{seed}", "oracle": out / f"oracle-{split}-s{seed}",
-                          "target_eval": out / "evals" / f"target-{split}-s{seed}.json",
-                          "oracle_eval": out / "evals" / f"oracle-{split}-s{seed}.json"}
+                # Through run.file, so the bench's run.json lists them and --overwrite removes them.
+                shared = {"target": run.file(f"target-s{seed}"), "oracle": run.file(f"oracle-{split}-s{seed}"),
+                          "target_eval": run.file("evals", f"target-{split}-s{seed}.json"),
+                          "oracle_eval": run.file("evals", f"oracle-{split}-s{seed}.json")}
                 for method in cfg.methods:
-                    cell = out / "cells" / f"{method.label}-{split}-s{seed}"
+                    cell = run.file("cells", f"{method.label}-{split}-s{seed}")
                     status = RunDir(cell).status() if cell.exists() else None
                     if status == "done":
                         echo(f"[obliviate] {cell.name}: done, skipped")
@@ -149,10 +151,12 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, overwrite: bool = False, pro
                         echo(f"[obliviate] {cell.name}")
                         pcfg = PipelineConfig(model=cfg.model, method=method.name, method_options=method.options,
                                               wagle=method.wagle, guard=method.guard,
-                                              finetune={**cfg.finetune, "seed": seed}, unlearn={**cfg.unlearn, "seed": seed},
+                                              finetune={**cfg.finetune, "seed": seed},
+                                              unlearn={**cfg.unlearn, "seed": seed},
                                               dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
                                               eval_batch_size=cfg.eval_batch_size)
-                        run_pipeline(bench, cell, pcfg, resume=cell.exists(), progress=progress, echo=echo, shared=shared)
+                        run_pipeline(bench, cell, pcfg, resume=cell.exists(), progress=progress, echo=echo,
+                                     shared=shared)
                     metrics = RunDir(cell).read_json("metrics.json")
                     cells.append({"cell": cell.name, "method": method.label, "split": split, "seed": seed,
                                   **{k: metrics["models"]["unlearned"].get(k) for k in
@@ -165,6 +169,10 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, overwrite: bool = False, pro
         atomic_write_text(run.file("leaderboard.md"), leaderboard_markdown(board))
         write_report([out / "cells" / c["cell"] for c in cells], out / "report")
     return board
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -182,14 +190,16 @@ def leaderboard(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = [{"method": m, "n": len(cs), "forget_quality": _mean([c["forget_quality"] for c in cs]),
              "model_utility": _mean([c["model_utility"] for c in cs]),
              "forget_rouge": _mean([c["forget_rouge"] for c in cs]),
-             "forgotten": sum(bool(c["forgotten"]) for c in cs), "utility_kept": sum(bool(c["utility_kept"]) for c in cs)}
+             "forgotten": sum(bool(c["forgotten"]) for c in cs),
+             "utility_kept": sum(bool(c["utility_kept"]) for c in cs)}
             for m, cs in by_method.items()]
-    ranked = rank(rows, lambda r: r["forget_quality"], lambda r: r["model_utility"])
+    ranked = rank(rows, lambda r: _number(r["forget_quality"]), lambda r: _number(r["model_utility"]))
     return [{**r.item, "rank": r.rank, "front": r.front} for r in ranked]
 
 
 def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
-    header = ["rank", "method", "cells", "forget quality", "model utility", "forget ROUGE-L", "forgotten", "utility kept"]
+    header = ["rank", "method", "cells", "forget quality", "model utility", "forget ROUGE-L", "forgotten",
+              "utility kept"]
     body = [[r["rank"], r["method"], r["n"], *(format_number(r[k], SUMMARY) for k in
                                               ("forget_quality", "model_utility", "forget_rouge")),
              f"{r['forgotten']}/{r['n']}", f"{r['utility_kept']}/{r['n']}"] for r in rows]

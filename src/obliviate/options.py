@@ -78,8 +78,8 @@ def coerce(name: str, tp: Any, value: Any, allow_inf: bool = False) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be a list, got {_short(value)}")
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        item = args[0] if len(args) == 1 else Any
+        item_args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item = item_args[0] if len(item_args) == 1 else Any
         items = [coerce(f"{name}[{i}]", item, v, allow_inf) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if tp is bool:
@@ -141,7 +141,9 @@ def coerce_fields(cls: type, data: Mapping[str, Any]) -> tuple[dict[str, Any], l
 
 def check_fields(obj: Any) -> list[str]:
     """Convert a dataclass instance's values to their field types in place; the problems left."""
-    values, problems = coerce_fields(type(obj), {f: getattr(obj, f) for f in _field_types(type(obj))})
+    # mypy does not count type[X] as Hashable for functools.cache's wrapper; classes are hashable
+    names = _field_types(type(obj))  # type: ignore[arg-type]
+    values, problems = coerce_fields(type(obj), {f: getattr(obj, f) for f in names})
     for key, value in values.items():
         object.__setattr__(obj, key, value)  # frozen dataclasses too
     return problems
@@ -152,7 +154,7 @@ def options_from_dict(cls: type[T], data: Mapping[str, Any], what: str) -> T:
     names the options in errors (e.g. ``"training options"``). ``__post_init__`` checks ranges."""
     if not isinstance(data, Mapping):
         raise OptionsError(f"{what} must be a mapping of option names to values, got {_short(data)}")
-    known = set(_field_types(cls))
+    known = set(_field_types(cls))  # type: ignore[arg-type]  # as in check_fields
     unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
         raise OptionsError(f"unknown {what}: {', '.join(unknown)} (valid: {', '.join(sorted(known))})")

@@ -71,8 +71,9 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
     run = RunDir.open(out, kind="pipeline", fingerprint={"config": config, "data": data}, overwrite=overwrite,
                       resume=resume, inputs=(bench.source, cfg.model))
     run.write_config(config)
-    common = dict(dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length, progress=progress)
-    eval_common = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, **common)
+    common: dict[str, Any] = dict(dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length,
+                                  progress=progress)
+    eval_common: dict[str, Any] = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, **common)
     sets = _eval_sets(bench)
     shared = shared or {}
 
@@ -148,7 +149,7 @@ class _Trajectory:
         self.points = {row["step"]: row for row in run.read_json("trajectory.json")} \
             if resume and run.has("trajectory.json") else {}
         self.points[0] = self._row(0, target_eval)
-        self.fmt = None
+        self.fmt: ChatFormat | None = None
 
     def _row(self, step: int, result: dict) -> dict:
         row = summary_row(result)
@@ -230,7 +231,8 @@ def summary_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The run's table (header, rows): a row per model, the :data:`COLUMNS` in the summary style;
     what the CLI prints and summary.md holds."""
     header = ["model"] + [title for _, title in COLUMNS]
-    rows = [[label] + [format_number(row.get(k), SUMMARY) for k, _ in COLUMNS] for label, row in result["models"].items()]
+    rows = [[label] + [format_number(row.get(k), SUMMARY) for k, _ in COLUMNS]
+            for label, row in result["models"].items()]
     return header, rows
 
 
@@ -243,5 +245,6 @@ def summary_markdown(result: dict[str, Any]) -> str:
               f"{'-' if gap is None else f'{gap:+.3f}'} vs the oracle)."),
              (f"Utility kept: **{'yes' if v['utility_kept'] else 'no'}** (unlearned / target model utility = "
               f"{format_number(v['utility_ratio_to_target'], SUMMARY)})."),
-             f"Target memorised the forget set: {'yes' if v['target_memorised'] else 'NO: unlearning is not meaningful'}."]
+             "Target memorised the forget set: "
+             f"{'yes' if v['target_memorised'] else 'NO: unlearning is not meaningful'}."]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from accelerate import PartialState
 
 
 def launched_on_cpus() -> bool:
@@ -18,6 +19,4 @@ def launched_on_cpus() -> bool:
 
 def processes():
     """Accelerate's process state (a singleton the training loop's Accelerator shares)."""
-    from accelerate import PartialState
-
     return PartialState(cpu=launched_on_cpus())

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from obliviate.errors import UserError
+from obliviate.models.loading import parse_dtype, resolve_model_path
 
 
 class BackendUnavailable(UserError, RuntimeError):
@@ -115,8 +116,6 @@ def load_bnb_quantised(path: str | Path, bits: int, dtype: str | torch.dtype = "
     ``quant_type`` (NF4 by default, Dettmers et al. 2023, arXiv 2305.14314) computing in ``dtype``.
     Needs a CUDA GPU and the ``bitsandbytes`` package; use :func:`quantise_model_rtn` elsewhere.
     """
-    from obliviate.models.loading import parse_dtype, resolve_model_path
-
     if bits not in (4, 8):
         raise ValueError(f"bitsandbytes quantises to 4 or 8 bits, got {bits!r}")
     if not torch.cuda.is_available():
@@ -125,7 +124,7 @@ def load_bnb_quantised(path: str | Path, bits: int, dtype: str | torch.dtype = "
     if importlib.util.find_spec("bitsandbytes") is None:
         raise BackendUnavailable("bitsandbytes is not installed: pip install bitsandbytes "
                            "(or use quantise_model_rtn, which needs no extra package)")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # heavy; only this optional backend needs it
 
     compute = parse_dtype(dtype)
     if bits == 8:

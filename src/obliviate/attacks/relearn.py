@@ -42,13 +42,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from obliviate.data.chat import ChatFormat
-from obliviate.data.qa import DataError, QADataset, QAExample
+from obliviate.data.qa import DataError, QADataset, QAExample, load_qa_file
+from obliviate.data.text import load_text_corpus, prefix_continuations
 from obliviate.evaluation.exposure import exposure_for_examples
 from obliviate.evaluation.generation import generate_answers
 from obliviate.evaluation.logprobs import score_pairs
 from obliviate.evaluation.privacy import has_candidates
 from obliviate.evaluation.tofu import rouge_l_recall
+from obliviate.methods import build_method
 from obliviate.training.config import TrainConfig
+from obliviate.training.loop import train
 
 METRICS = ("forget_rouge", "forget_probability", "keyword_hit", "forget_nll")
 CURVE_METRICS = (*METRICS, "forget_exposure")  # exposure only when every held-out row has candidates
@@ -184,8 +187,6 @@ def text_as_qa(docs: Sequence[str], tokenizer, source: str, prefix_tokens: int =
                max_answer_tokens: int = 256) -> QADataset:
     """Plain documents as continuation pairs: the first ``prefix_tokens`` tokens in the user turn,
     the next (up to ``max_answer_tokens``) as the answer, so the loss covers the document's text."""
-    from obliviate.data.text import prefix_continuations
-
     pairs = prefix_continuations(tokenizer, docs, prefix_tokens, max_answer_tokens)
     rows = [QAExample(f"Continue the text:\n{p}", c, meta={"row": i + 1}) for i, (p, c) in enumerate(pairs)
             if c.strip() and p.strip()]
@@ -198,9 +199,6 @@ def from_file(path: str | Path, forget: QADataset, tokenizer, prefix_tokens: int
     """Relearn on a user file; measure every forget row. A QA file (.jsonl/.json/.csv/.parquet with
     question and answer) is used as is; plain text (.txt, a directory of .txt, or .jsonl rows with a
     ``text`` field) goes through :func:`text_as_qa`."""
-    from obliviate.data.qa import load_qa_file
-    from obliviate.data.text import load_text_corpus
-
     path = Path(path)
     if path.is_dir() or path.suffix.lower() == ".txt":
         corpus = load_text_corpus(path)
@@ -264,7 +262,7 @@ def forget_metrics(model, fmt: ChatFormat, heldout: QADataset, keys: Sequence[Se
                                    batch_size=batch_size)
     rouge = rouge_l_recall([a for _, a in pairs], generations)
     hits = [keyword_hit(g, k) for g, k in zip(generations, keys)]
-    out = {"forget_rouge": float(rouge.mean()), "forget_probability": float(np.exp(-nll).mean()),
+    out: dict[str, Any] = {"forget_rouge": float(rouge.mean()), "forget_probability": float(np.exp(-nll).mean()),
            "keyword_hit": float(np.mean(hits)), "forget_nll": float(nll.mean())}
     if with_exposure:
         out["forget_exposure"] = exposure_for_examples(model, fmt, heldout, batch_size)["exposure"]
@@ -280,9 +278,6 @@ def relearn_curve(model, tokenizer, split: RelearnSplit, cfg: RelearnConfig, fmt
     The given model is not changed. Returns ``{"steps": [...], metric: [value per step] ...,
     "per_sample": {step: {...}}}`` (metrics of :func:`forget_metrics`).
     """
-    from obliviate.methods import build_method
-    from obliviate.training.loop import train
-
     fmt = fmt or ChatFormat(tokenizer)
     if len(split.heldout) == 0 or len(split.relearn) == 0:
         raise ValueError("both the relearn set and the held-out forget set must have rows")

@@ -110,10 +110,11 @@ def open_run(run_dir: str | Path, benchmark: str | Path | None = None, unlearned
               "target": path / "target" / "model"}
     models = {}
     for label in MODEL_LABELS:
-        candidate = Path(given[label]) if given[label] is not None else layout[label]
+        chosen = given[label]
+        candidate = Path(chosen) if chosen is not None else layout[label]
         if (candidate / "config.json").is_file():
             models[label] = candidate
-        elif given[label] is not None:
+        elif chosen is not None:
             raise FileNotFoundError(f"{candidate}: not a model directory (no config.json)")
     if "unlearned" not in models:
         raise FileNotFoundError(f"{path}: no unlearned model at unlearn/model; pass it explicitly")

@@ -19,10 +19,27 @@ from typing import Any
 
 import torch
 
-from obliviate.attribution.guard import (GuardConfig, GuardResult, compute_guard, guard_attributions, guard_weights,
-                                         load_guard_weights, save_guard)
-from obliviate.attribution.wagle import (WagleConfig, WagleMask, check_masks, compute_wagle_mask, load_mask,
-                                         mask_report, module_type, save_mask, select_top, wagle_scores)
+from obliviate.attribution.guard import (
+    GuardConfig,
+    GuardResult,
+    compute_guard,
+    guard_attributions,
+    guard_weights,
+    load_guard_weights,
+    save_guard,
+)
+from obliviate.attribution.wagle import (
+    WagleConfig,
+    WagleMask,
+    check_masks,
+    compute_wagle_mask,
+    load_mask,
+    mask_report,
+    module_type,
+    save_mask,
+    select_top,
+    wagle_scores,
+)
 from obliviate.methods import Composite, Method
 
 __all__ = [

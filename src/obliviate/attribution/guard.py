@@ -206,8 +206,9 @@ def guard_attributions(model, fmt: ChatFormat, forget: QADataset, retain: QAData
             view = pad_batch([rows[i] for i in idx], pad_id)
             _check_right_padded(view["attention_mask"])
             grads = per_sample_gradients(model, names, view["input_ids"].to(device), view["labels"].to(device))
-            if projection_dim is None:
+            if projection_dim is None or sketches is None:  # (both or neither)
                 a = sum(g.reshape(len(idx), -1).float() @ direction[n].reshape(-1) for n, g in grads.items())
+                assert isinstance(a, torch.Tensor)  # at least one parameter (attributed_params), so not the start 0
             else:
                 s = count_sketch(grads, projection_dim, seed)
                 sketches[idx] = s.cpu()

@@ -113,7 +113,8 @@ def candidate_params(model: torch.nn.Module, method: Composite, include_norms: b
                      include_embeddings: bool = True) -> tuple[list[str], list[str]]:
     """``(candidates, excluded)``: parameters the method trains, split by the norm/embedding options."""
     method.bind(model)
-    candidates, excluded = [], []
+    candidates: list[str] = []
+    excluded: list[str] = []
     for name, p in model.named_parameters():
         if not p.requires_grad or not method.trainable(name):
             continue
@@ -228,7 +229,8 @@ def _group(name: str, scope: str) -> str:
 
 def select_top(scores: dict[str, torch.Tensor], rho: float, scope: str = "global") -> dict[str, torch.Tensor]:
     """Boolean masks keeping the ``round(rho * n)`` highest scores of each group (``scope``: one group
-    of all weights, one per decoder layer, or one per tensor). Ties at the cut go to whichever ``torch.topk`` returns."""
+    of all weights, one per decoder layer, or one per tensor). Ties at the cut go to whichever
+    ``torch.topk`` returns."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     groups: dict[str, list[str]] = {}

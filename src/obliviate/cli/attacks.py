@@ -11,10 +11,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
+from obliviate.attacks.relearn import RelearnConfig
+from obliviate.attacks.run import MODEL_LABELS, PROBES, open_run, run_privacy, run_probes, run_quantise, run_relearn
 from obliviate.cli.errors import user_errors
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
+from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
 from obliviate.models.loading import DEFAULT_MODEL
+from obliviate.studies.id_ood import METHODS, IdOodConfig, run_id_ood
 
 attack_app = typer.Typer(help="Attacks on a finished run: is it really forgotten?", no_args_is_help=True,
                          pretty_exceptions_enable=False)
@@ -35,8 +40,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _open(run_dir: Path, benchmark, unlearned, oracle, target):
-    from obliviate.attacks.run import open_run
-
     return open_run(run_dir, benchmark=benchmark, unlearned=unlearned, oracle=oracle, target=target)
 
 
@@ -78,16 +81,11 @@ def relearn(
 ) -> None:
     """Benign relearning (Hu et al. 2025, arXiv 2406.13356): finetune a few steps on a small related set
     and measure how much of the held-out forget set comes back; the oracle is the baseline."""
-    from obliviate.attacks.relearn import RelearnConfig
-    from obliviate.attacks.run import run_relearn
-
     run = _open(run_dir, benchmark, unlearned, oracle, target)
     cfg = RelearnConfig(steps=tuple(_int_list(steps, "--steps")), lr=lr, batch_size=batch_size, lora=lora,
                         lora_r=lora_r, seed=seed, max_new_tokens=max_new_tokens)
     result = run_relearn(run, cfg, source, progress=not no_progress, fraction=fraction,
                          attributes=attribute or (), file=file, max_rows=max_rows, seed=seed)
-    from rich.table import Table
-
     table = Table(title=f"Relearning ({result['relearn_set']['kind']}, {result['relearn_set']['n_relearn']} rows; "
                         f"{result['relearn_set']['n_heldout']} held-out forget rows)")
     for col in ("step", "ROUGE", "probability", "keyword hit", "oracle ROUGE"):
@@ -115,8 +113,6 @@ def quantise(
 ) -> None:
     """Quantisation attack (Zhang et al. 2024, arXiv 2410.16454): evaluate the unlearned model after
     8- and 4-bit quantisation."""
-    from obliviate.attacks.run import run_quantise
-
     run = _open(run_dir, benchmark, unlearned, oracle, target)
     result = run_quantise(run, _int_list(bits, "--bits"), backend, group_size or None, progress=not no_progress)
     for label, row in result.items():
@@ -140,8 +136,6 @@ def probe(
     no_progress: NoProgress = False,
 ) -> None:
     """Paraphrase / few-shot / context probes of the forget set, evaluated with the TOFU metrics."""
-    from obliviate.attacks.run import MODEL_LABELS, PROBES, run_probes
-
     run = _open(run_dir, benchmark, unlearned, oracle, target)
     result = run_probes(run, tuple(probe_name or PROBES), tuple(model or MODEL_LABELS), shots, seed,
                         progress=not no_progress)
@@ -164,8 +158,6 @@ def privacy(
 ) -> None:
     """Membership inference (LOSS, zlib, Min-K%, Min-K%++, reference), PrivLeak vs the oracle, EM/ES,
     exposure: forget set vs holdout, for every model of the run."""
-    from obliviate.attacks.run import run_privacy
-
     run = _open(run_dir, benchmark, unlearned, oracle, target)
     result = run_privacy(run, reference=reference)
     for label, row in result["rows"].items():
@@ -211,9 +203,6 @@ def id_ood(
     example's exposure reaches the oracle's, and the utility left at that point, ID vs OOD.
 
     Defaults are CPU-sized; on a GPU raise --n-entities, --id-facts/--ood-facts and --unlearn-steps."""
-    from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
-    from obliviate.studies.id_ood import METHODS, IdOodConfig, run_id_ood
-
     if benchmark is None:
         bench_dir = out.parent / f"{out.name}-benchmark"
         scfg = SyntheticConfig(n_entities=n_entities, facts_per_entity=facts_per_entity,

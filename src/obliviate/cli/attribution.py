@@ -15,10 +15,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from obliviate.attribution import GuardConfig, WagleConfig, compute_guard, compute_wagle_mask, save_guard, save_mask
 from obliviate.cli.errors import user_errors
 from obliviate.cli.options import check_finite_options, parse_method_options
-from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
-from obliviate.models.loading import DEFAULT_MODEL
+from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
+from obliviate.data.sources import as_dataset
+from obliviate.evaluation.evaluate import load_eval
+from obliviate.evaluation.sacrifice import metric_drops, sacrifice_rates
+from obliviate.methods import Procedure, build_method
+from obliviate.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from obliviate.processes import processes
 
 console = Console(highlight=False)
 
@@ -129,14 +135,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _load(model: str, dtype: str, system_prompt: str, max_length: int, trust_remote_code: bool):
-    import torch
-
-    from obliviate.data.chat import ChatFormat
-    from obliviate.models.loading import load_model, load_tokenizer
-
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    # this process's accelerator under accelerate launch, as everywhere
+    loaded = load_model(model, dtype=dtype, device=processes().device, trust_remote_code=trust_remote_code)
     return loaded, ChatFormat(tokenizer, system_prompt=system_prompt or None, max_length=max_length)
 
 
@@ -145,7 +146,8 @@ def print_mask_report(report: dict[str, Any]) -> None:
     for column in ("module type", "weights", "selected", "share", "of mask"):
         table.add_column(column, justify="left" if column == "module type" else "right")
     for kind, row in sorted(report["by_module_type"].items(), key=lambda kv: -kv[1]["weights"]):
-        table.add_row(kind, f"{row['weights']:,}", f"{row['selected']:,}", f"{row['share']:.3f}", f"{row['of_mask']:.3f}")
+        table.add_row(kind, f"{row['weights']:,}", f"{row['selected']:,}", f"{row['share']:.3f}",
+                      f"{row['of_mask']:.3f}")
     table.add_row("all", f"{report['candidates']:,}", f"{report['selected']:,}", f"{report['share']:.3f}", "1.000",
                   style="bold")
     console.print(table)
@@ -172,13 +174,11 @@ def wagle_mask(
     max_length: MaxLength = 512, overwrite: Overwrite = False, trust_remote_code: RemoteCode = False,
 ) -> None:
     """WAGLE (Jia et al. 2024): score every weight for a method's unlearning and write the top-rho mask."""
-    from obliviate.api import as_dataset
-    from obliviate.attribution import WagleConfig, compute_wagle_mask, save_mask
-    from obliviate.methods import build_method
-
     cfg = WagleConfig(rho=rho, gamma=gamma, scope=scope, include_norms=norms, include_embeddings=embeddings,
                       batch_size=batch_size)
     built = build_method(method, **check_finite_options(parse_method_options(method_option), "method option"))
+    if isinstance(built, Procedure):
+        raise ValueError(f"method '{method}' edits the model in one go: WAGLE masks apply to gradient methods only")
     forget_ds, retain_ds = as_dataset(forget), as_dataset(retain)
     _check_out(out, overwrite)
     loaded, fmt = _load(model, dtype, system_prompt, max_length, trust_remote_code)
@@ -196,7 +196,8 @@ def guard_weights(
     model: Model = DEFAULT_MODEL,
     tau: Annotated[float, typer.Option(help="Softmax temperature; inf gives uniform weights.")] = 1.0,
     relative_tau: Annotated[bool, typer.Option(
-        "--relative-tau/--absolute-tau", help="tau in standard deviations of the attributions (default), or raw.")] = True,
+        "--relative-tau/--absolute-tau",
+        help="tau in standard deviations of the attributions (default), or raw.")] = True,
     projection_dim: Annotated[Optional[int], typer.Option(
         help="Estimate attributions from CountSketches of this dimension (default: exact).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sketch's hash functions.")] = 0,
@@ -206,9 +207,6 @@ def guard_weights(
     max_length: MaxLength = 512, overwrite: Overwrite = False, trust_remote_code: RemoteCode = False,
 ) -> None:
     """GUARD (Niu et al. 2025): weight forget samples by their gradient alignment with the retain set."""
-    from obliviate.api import as_dataset
-    from obliviate.attribution import GuardConfig, compute_guard, save_guard
-
     cfg = GuardConfig(tau=tau, relative_tau=relative_tau, projection_dim=projection_dim, seed=seed,
                       batch_size=batch_size, params=params)
     forget_ds, retain_ds = as_dataset(forget), as_dataset(retain)
@@ -236,9 +234,6 @@ def sacrifice_rate(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Sacrifice rate (GUARD): retain drop / forget drop per metric, from the target model."""
-    from obliviate.evaluation.evaluate import load_eval
-    from obliviate.evaluation.sacrifice import metric_drops, sacrifice_rates
-
     target, unlearned = load_eval(target_eval), load_eval(unlearned_eval)
     rates = sacrifice_rates(target, unlearned, retain_set=retain_set)
     drops = metric_drops(target, unlearned, retain_set=retain_set)

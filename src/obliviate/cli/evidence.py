@@ -20,8 +20,11 @@ from rich.table import Table
 
 from obliviate.cli.errors import user_errors
 from obliviate.errors import UserError
-from obliviate.reporting.tables import format_number
+from obliviate.reporting import audit  # a module: its certify and verify share names with the commands here
+from obliviate.reporting.model_card import model_card_info, write_model_card
 from obliviate.reporting.registry import leaderboard
+from obliviate.reporting.report import write_report
+from obliviate.reporting.tables import format_number
 from obliviate.runs.registry import Registry, unlearn_run_dir
 
 runs_app = typer.Typer(help="The run registry: list, inspect, compare and rank runs.", no_args_is_help=True)
@@ -66,8 +69,6 @@ def report(
     title: Annotated[str, typer.Option(help="Title of the report.")] = "obliviate report",
 ) -> None:
     """Write a self-contained HTML report and a Markdown summary of one or more runs."""
-    from obliviate.reporting.report import write_report
-
     rep = write_report(runs, out, examples=examples, title=title)
     _console().print(f"report: {rep.html}\nsummary: {rep.markdown}")
 
@@ -79,11 +80,13 @@ def report(
 @runs_app.command("list")
 @user_errors
 def runs_list(
-    kind: Annotated[Optional[str], typer.Option(help="Only runs of this kind (finetune, unlearn, eval, attack, demo).")] = None,
+    kind: Annotated[Optional[str], typer.Option(
+        help="Only runs of this kind (finetune, unlearn, eval, attack, demo).")] = None,
     benchmark: Annotated[Optional[str], typer.Option(help="Only runs on this benchmark.")] = None,
     method: Annotated[Optional[str], typer.Option(help="Only runs of this unlearning method.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Only runs that started from this model.")] = None,
-    status: Annotated[Optional[str], typer.Option(help="Only runs with this status (running, done, failed, crashed).")] = None,
+    status: Annotated[Optional[str], typer.Option(
+        help="Only runs with this status (running, done, failed, crashed).")] = None,
     parent: Annotated[Optional[str], typer.Option(help="Only the sub-runs of this run id.")] = None,
     limit: Annotated[int, typer.Option(help="Show at most this many runs (newest first).")] = 50,
     registry: RegistryOption = None,
@@ -91,7 +94,8 @@ def runs_list(
     """List registered runs, newest first."""
     rows = Registry(registry).list_runs(limit=limit, kind=kind, benchmark=benchmark, method=method,
                                         model=model, status=status, parent_id=parent)
-    table = _table(None, ["id", "kind", "benchmark", "method", "status", "started", "forget quality", "utility", "path"])
+    table = _table(None, ["id", "kind", "benchmark", "method", "status", "started", "forget quality", "utility",
+                          "path"])
     for r in rows:
         row = r.summary()
         table.add_row(r.id, r.kind or "", r.benchmark or "", r.method or "", r.status, _when(r.started),
@@ -199,43 +203,44 @@ def certify(
     run: Annotated[Path, typer.Argument(help="The unlearn (or demo) run that carried out the deletion.",
                                         exists=True, file_okay=False)],
     min_forget_quality: Annotated[Optional[float], typer.Option(help="Require forget quality >= this.")] = None,
-    mia_auc_min: Annotated[Optional[float], typer.Option(help="Require the MIA AUC (forget vs holdout) >= this.")] = None,
-    mia_auc_max: Annotated[Optional[float], typer.Option(help="Require the MIA AUC (forget vs holdout) <= this.")] = None,
+    mia_auc_min: Annotated[Optional[float], typer.Option(
+        help="Require the MIA AUC (forget vs holdout) >= this.")] = None,
+    mia_auc_max: Annotated[Optional[float], typer.Option(
+        help="Require the MIA AUC (forget vs holdout) <= this.")] = None,
     max_abs_privleak: Annotated[Optional[float], typer.Option(help="Require |PrivLeak| <= this (percent).")] = None,
     max_relearn_recovery: Annotated[Optional[float], typer.Option(help="Require relearning recovery <= this.")] = None,
     max_utility_drop: Annotated[Optional[float], typer.Option(
         help="Require (target utility - unlearned utility) / target utility <= this.")] = None,
     label: Annotated[str, typer.Option(help="Which evaluated model is the unlearned one.")] = "unlearned",
-    mia_key: Annotated[str, typer.Option(help="Summary-row key of the MIA AUC that --mia-auc-min/max judge (default: Min-K% 40).")] = "mia_auc_mink",
+    mia_key: Annotated[str, typer.Option(
+        help="Summary-row key of the MIA AUC that --mia-auc-min/max judge (default: Min-K% 40).")] = "mia_auc_mink",
     out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Record path (.json) or folder (default: RUN/audit.json); an .html page is written beside it.")] = None,
+        "--out", "-o",
+        help="Record path (.json) or folder (default: RUN/audit.json); an .html page is written beside it.")] = None,
     model_card: Annotated[bool, typer.Option(
-        "--model-card/--no-model-card", help="Also write README.md (a model card with the record's hash) into the unlearned checkpoint.")] = False,
+        "--model-card/--no-model-card",
+        help="Also write README.md (a model card with the record's hash) into the unlearned checkpoint.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 unless the verdict is pass.")] = False,
 ) -> None:
     """Write a hash-chained audit record of a deletion: fingerprints, configs, code version, metrics
     and a verdict per threshold."""
-    from obliviate.reporting.audit import Thresholds, certify as make_record, record_verdict, write_record
-
     if (mia_auc_min is None) != (mia_auc_max is None):
         raise UserError("give both --mia-auc-min and --mia-auc-max, or neither")
-    thresholds = Thresholds(min_forget_quality=min_forget_quality,
-                            mia_auc_range=(mia_auc_min, mia_auc_max) if mia_auc_min is not None else None,
-                            max_abs_privleak=max_abs_privleak, max_relearn_recovery=max_relearn_recovery,
-                            max_utility_drop=max_utility_drop, label=label, mia_key=mia_key)
-    record = make_record(run, thresholds)
-    json_path, html_path = write_record(record, out or run / "audit.json")
+    mia_auc_range = (mia_auc_min, mia_auc_max) if mia_auc_min is not None and mia_auc_max is not None else None
+    thresholds = audit.Thresholds(min_forget_quality=min_forget_quality, mia_auc_range=mia_auc_range,
+                                  max_abs_privleak=max_abs_privleak, max_relearn_recovery=max_relearn_recovery,
+                                  max_utility_drop=max_utility_drop, label=label, mia_key=mia_key)
+    record = audit.certify(run, thresholds)
+    json_path, html_path = audit.write_record(record, out or run / "audit.json")
     console = _console()
     table = _table(None, ["criterion", "value", "threshold", "verdict"])
     for e in record["entries"]:
         if e["type"] == "check":
             table.add_row(e["name"], format_number(e["value"]), f"{e['op']} {_threshold(e['threshold'])}", e["verdict"])
     console.print(table)
-    verdict = record_verdict(record)
+    verdict = audit.record_verdict(record)
     console.print(f"verdict: {verdict}\nrecord: {json_path}\npage: {html_path}\nhead: {record['head']}")
     if model_card:
-        from obliviate.reporting.model_card import model_card_info, write_model_card
-
         card = write_model_card(unlearn_run_dir(run) / "model", model_card_info(run, record, json_path))
         console.print(f"model card: {card}")
     if strict and verdict != "pass":
@@ -253,14 +258,13 @@ def verify(
     record: Annotated[Path, typer.Argument(help="An audit record written by `certify`.", exists=True, dir_okay=False)],
     expected_head: Annotated[Optional[str], typer.Option(
         help="The head hash kept elsewhere (model card, ticket); the record must end with it.")] = None,
-    rehash: Annotated[bool, typer.Option("--rehash/--no-rehash", help="Re-hash the models and data files the record names.")] = True,
+    rehash: Annotated[bool, typer.Option(
+        "--rehash/--no-rehash", help="Re-hash the models and data files the record names.")] = True,
 ) -> None:
     """Check an audit record: hash chain, verdicts, and (by default) that the named files are unchanged.
 
     Exit code 1 when the record fails a check; 2 when the file is not a well-formed record."""
-    from obliviate.reporting.audit import verify as check
-
-    problems = check(record, expected_head=expected_head, rehash=rehash)
+    problems = audit.verify(record, expected_head=expected_head, rehash=rehash)
     console = _console()
     if problems:
         for p in problems:

@@ -11,13 +11,33 @@ from rich.console import Console
 from rich.table import Table
 
 from obliviate import api
-from obliviate.cli.attribution import (GuardBatchSizeOpt, GuardParamsOpt, GuardProjectionOpt, GuardRelativeTauOpt,
-                                       GuardSeedOpt, GuardTauOpt, GuardWeightsOpt, WagleBatchSizeOpt,
-                                       WagleEmbeddingsOpt, WagleGammaOpt, WagleMaskOpt, WagleNormsOpt, WagleRhoOpt,
-                                       WagleScopeOpt, merge_attribution, unlearn_attribution_kwargs)
+from obliviate.cli.attribution import (
+    GuardBatchSizeOpt,
+    GuardParamsOpt,
+    GuardProjectionOpt,
+    GuardRelativeTauOpt,
+    GuardSeedOpt,
+    GuardTauOpt,
+    GuardWeightsOpt,
+    WagleBatchSizeOpt,
+    WagleEmbeddingsOpt,
+    WagleGammaOpt,
+    WagleMaskOpt,
+    WagleNormsOpt,
+    WagleRhoOpt,
+    WagleScopeOpt,
+    merge_attribution,
+    unlearn_attribution_kwargs,
+)
 from obliviate.cli.errors import user_errors
-from obliviate.cli.options import (apply_config, check_finite_options, mapping_section, parse_method_options,
-                                   train_config, with_train_options)
+from obliviate.cli.options import (
+    apply_config,
+    check_finite_options,
+    mapping_section,
+    parse_method_options,
+    train_config,
+    with_train_options,
+)
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
 from obliviate.models.loading import DEFAULT_MODEL, check_model_spec
 from obliviate.pipeline import summary_table
@@ -132,7 +152,8 @@ def evaluate(
     model: Annotated[str, typer.Option(help="Model to evaluate.")],
     benchmark: Annotated[str, typer.Option(help="Benchmark directory (synthetic or TOFU layout) or hub id.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write eval/<label>.json into.")],
-    label: Annotated[str, typer.Option(help="Name of this model in the results (target, oracle, unlearned...).")] = "model",
+    label: Annotated[str, typer.Option(
+        help="Name of this model in the results (target, oracle, unlearned...).")] = "model",
     forget_split: Annotated[str, typer.Option(help="TOFU forget split (forget01, forget05, forget10).")] = "forget10",
     oracle_eval: Annotated[Optional[Path], typer.Option(help="The oracle's eval JSON, for forget quality.")] = None,
     batch_size: Annotated[int, typer.Option(help="Scoring and generation batch size.")] = 32,
@@ -199,13 +220,17 @@ def demo(
     forget_fraction: Annotated[float, typer.Option(help="Synthetic benchmark: share of entities to forget.")] = 0.25,
     seed: Annotated[int, typer.Option(help="Benchmark and training seed.")] = 0,
     method: Annotated[str, typer.Option(help="Unlearning method (`obliviate methods`).")] = "npo",
-    method_option: Annotated[Optional[list[str]], typer.Option("--method-option", "-m", help="Method key=value.")] = None,
-    finetune_epochs: Annotated[float, typer.Option(help="Epochs for target and oracle.")] = presets.DEMO_FINETUNE["epochs"],
-    finetune_lr: Annotated[float, typer.Option(help="Learning rate for target and oracle.")] = presets.DEMO_FINETUNE["lr"],
+    method_option: Annotated[Optional[list[str]], typer.Option(
+        "--method-option", "-m", help="Method key=value.")] = None,
+    finetune_epochs: Annotated[float, typer.Option(
+        help="Epochs for target and oracle.")] = presets.DEMO_FINETUNE["epochs"],
+    finetune_lr: Annotated[float, typer.Option(
+        help="Learning rate for target and oracle.")] = presets.DEMO_FINETUNE["lr"],
     unlearn_epochs: Annotated[float, typer.Option(help="Unlearning epochs.")] = presets.DEMO_UNLEARN["epochs"],
     unlearn_lr: Annotated[float, typer.Option(help="Unlearning learning rate.")] = presets.DEMO_UNLEARN["lr"],
     eval_every: Annotated[int, typer.Option(help="Evaluate every N unlearning steps for the report's trade-off "
-                                                 "curve (0: only before and after).")] = presets.DEMO_UNLEARN["eval_every"],
+                                                 "curve (0: only before and after).")] = \
+        presets.DEMO_UNLEARN["eval_every"],
     batch_size: Annotated[int, typer.Option(help="Finetuning batch size.")] = presets.DEMO_FINETUNE["batch_size"],
     max_new_tokens: Annotated[int, typer.Option(help="Greedy generation limit in evaluation.")] = 48,
     dtype: Dtype = "float32", overwrite: Overwrite = False, resume: Resume = False, no_progress: NoProgress = False,

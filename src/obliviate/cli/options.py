@@ -99,7 +99,9 @@ def apply_config(ctx: typer.Context, path: Path | None, values: dict[str, Any], 
         raise UserError(f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
                         f"for `{ctx.info_name}` (valid: {', '.join(sorted(valid))}){hint}")
     params = {p.name: p for p in ctx.command.params}
-    hints = typing.get_type_hints(inspect.unwrap(ctx.command.callback), include_extras=True)
+    callback = ctx.command.callback
+    assert callback is not None  # every command here is a decorated function
+    hints = typing.get_type_hints(inspect.unwrap(callback), include_extras=True)
     merged = dict(values)
     for key, value in data.items():
         if key in sections:
@@ -124,8 +126,6 @@ def with_train_options(defaults: dict[str, Any]):
     the flags actually given) and builds its TrainConfig from defaults < YAML < flags."""
 
     def decorate(fn):
-        import typing
-
         sig = inspect.signature(fn)
         hints = typing.get_type_hints(fn, include_extras=True)  # resolve string annotations
         params = [p.replace(annotation=hints.get(p.name, p.annotation))

@@ -1,6 +1,7 @@
 """``obliviate unierase``: the UniErase recipe (unlearning token + null-space-projected edit) as a run.
 
-Registered in the main app with ``register(app)``. The same run as ``obliviate unlearn --method unierase``, with UniErase's options as flags.
+Registered in the main app with ``register(app)``. The same run as ``obliviate unlearn --method unierase``,
+with UniErase's options as flags.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from obliviate import api
 from obliviate.cli.errors import user_errors
 from obliviate.cli.options import apply_config, mapping_section, parse_method_options
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
-from obliviate.models.loading import DEFAULT_MODEL, check_model_spec
-from obliviate import api
 from obliviate.methods.unierase import STATS_FILE, UniEraseOptions
+from obliviate.models.loading import DEFAULT_MODEL, check_model_spec
 from obliviate.runs import read_json
 
 

@@ -19,11 +19,21 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from obliviate.data.qa import (QA_SUFFIXES, DataError, QADataset, QAExample, load_qa, load_qa_file, parse_json,
-                               read_text, write_qa_jsonl)
+from obliviate.data.qa import (
+    QA_SUFFIXES,
+    DataError,
+    QADataset,
+    QAExample,
+    load_qa,
+    load_qa_file,
+    parse_json,
+    read_text,
+    write_qa_jsonl,
+)
 from obliviate.data.specs import looks_like_path, missing_path_reason
+from obliviate.runs import atomic_write_json
 
 MANIFEST = "benchmark.json"
 MANIFEST_FORMAT = "obliviate-benchmark/1"
@@ -187,9 +197,10 @@ def _from_tofu_dir(directory: Path, forget_split: str) -> Benchmark:
         raise DataError(str(directory), None,
                         f"no {MANIFEST} and not a TOFU-layout directory for '{forget_split}': missing "
                         f"{', '.join(missing)} (splits here: {', '.join(available) or 'none'})")
-    present = {role: split for role, split in roles.items() if files[split] is not None}
+    found = {split: path for split, path in files.items() if path is not None}
+    present = {role: split for role, split in roles.items() if split in found}
     return Benchmark(name=f"tofu-{forget_split}", source=str(directory), roles=present,
-                     files={split: files[split] for split in present.values()})
+                     files={split: found[split] for split in present.values()})
 
 
 def _from_manifest(directory: Path) -> Benchmark:
@@ -256,7 +267,7 @@ def _check_roles(roles: dict, source: str) -> None:
 # Writing
 
 
-def write_benchmark_dir(splits: dict[str, Sequence[QAExample]], directory: str | Path, roles: dict[str, str], *,
+def write_benchmark_dir(splits: Mapping[str, Sequence[QAExample]], directory: str | Path, roles: dict[str, str], *,
                         name: str, seed: int | None = None, config: dict[str, Any] | None = None,
                         overwrite: bool = False) -> Path:
     """Write ``SPLIT.jsonl`` per split and then ``benchmark.json`` (last, so a crash leaves no manifest).
@@ -281,8 +292,6 @@ def write_benchmark_dir(splits: dict[str, Sequence[QAExample]], directory: str |
         entries[split] = {"file": file.name, "rows": len(rows), "sha256": _sha256(file.read_bytes())}
     manifest = {"format": MANIFEST_FORMAT, "name": name, "seed": seed, "config": config,
                 "roles": roles, "splits": entries}
-    from obliviate.runs import atomic_write_json
-
     atomic_write_json(directory / MANIFEST, manifest)
     return directory
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -37,7 +40,7 @@ class Encoded:
 class ChatFormat:
     """How questions and answers are laid out for one tokenizer."""
 
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     max_length: int = 512
     _cache: dict = field(default_factory=dict, repr=False)
@@ -46,7 +49,7 @@ class ChatFormat:
     def end_of_turn_id(self) -> int:
         tok = self.tokenizer
         if tok.chat_template and "<|im_end|>" in tok.get_vocab():
-            return tok.convert_tokens_to_ids("<|im_end|>")
+            return cast(int, tok.convert_tokens_to_ids("<|im_end|>"))  # one token in, one id out
         if tok.eos_token_id is None:
             raise ValueError("the tokenizer has no end-of-sequence token")
         return tok.eos_token_id
@@ -57,7 +60,7 @@ class ChatFormat:
             messages = [{"role": "user", "content": question}]
             if self.system_prompt:
                 messages.insert(0, {"role": "system", "content": self.system_prompt})
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return cast(str, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         return PLAIN_TEMPLATE.format(question=question)
 
     def prompt_ids(self, question: str) -> list[int]:

@@ -16,10 +16,13 @@ import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal, overload
+
+import huggingface_hub  # module attributes, looked up per call (tests replace them)
 
 from obliviate.data.specs import hub_unreachable, looks_like_path, missing_path_reason
 from obliviate.errors import UserError
+from obliviate.runs import atomic_write_text
 
 QA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 log = logging.getLogger("obliviate.data")
@@ -49,7 +52,7 @@ class QAExample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        row = {"question": self.question, "answer": self.answer}
+        row: dict[str, Any] = {"question": self.question, "answer": self.answer}
         if self.paraphrased_answer is not None:
             row["paraphrased_answer"] = self.paraphrased_answer
         if self.perturbed_answers:
@@ -88,6 +91,14 @@ class QADataset:
 
 
 _KNOWN = {"question", "answer", "paraphrased_answer", "perturbed_answer", "paraphrased_question"}
+
+
+@overload
+def _text(row: dict, key: str, required: Literal[True]) -> str: ...
+
+
+@overload
+def _text(row: dict, key: str, required: Literal[False]) -> str | None: ...
 
 
 def _text(row: dict, key: str, required: bool) -> str | None:
@@ -154,15 +165,15 @@ def parse_row(row: Any) -> QAExample:
 _Where = tuple[int | None, int | None]
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
-    """(line number, text, None) per line of a file, or (line number, None, problem) for a line that is
+def read_lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text, None) per line of a file, or (line number, "", problem) for a line that is
     not UTF-8 text. Lines end at \\n, \\r\\n or \\r, as an editor counts them; a leading BOM is dropped."""
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     for lineno, raw in enumerate(data.splitlines(), 1):
         try:
             yield lineno, raw.decode("utf-8"), None
         except UnicodeDecodeError as exc:
-            yield lineno, None, f"not UTF-8 text (byte {exc.start + 1} of the line)"
+            yield lineno, "", f"not UTF-8 text (byte {exc.start + 1} of the line)"
 
 
 def read_text(path: Path) -> str:
@@ -305,7 +316,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[_Where, Any]]:
 
 def _parquet_rows(path: Path) -> Iterator[tuple[_Where, Any]]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: only Parquet input needs it
     except ImportError:
         raise DataError(str(path), None, "reading Parquet needs pyarrow: pip install pyarrow") from None
     try:
@@ -407,21 +418,17 @@ def _load_hub(repo_id: str, split: str | None, skip_bad: bool) -> QADataset:
     """Hub datasets (e.g. locuslab/TOFU with a config name such as forget10_perturbed)."""
     if split is None:
         raise DataError(repo_id, None, "a hub dataset needs a split/config name, e.g. locuslab/TOFU:forget10")
-    try:
-        from huggingface_hub import hf_hub_download, list_repo_files
-    except ImportError:  # pragma: no cover - a dependency of transformers
-        raise DataError(repo_id, None, "huggingface_hub is not installed") from None
     unreachable = hub_unreachable()
     if unreachable:
         raise DataError(repo_id, None, f"a hub dataset, but the hub is out of reach ({unreachable}); pass a local "
                         "file or directory instead") from None
     try:
-        files = [f for f in list_repo_files(repo_id, repo_type="dataset")
+        files = [f for f in huggingface_hub.list_repo_files(repo_id, repo_type="dataset")
                  if Path(f).stem == split or Path(f).parent.name == split]
         files = [f for f in files if f.endswith(QA_SUFFIXES)]
         if not files:
             raise DataError(repo_id, None, f"no files for split '{split}' in the hub dataset")
-        local = [hf_hub_download(repo_id, f, repo_type="dataset") for f in sorted(files)]
+        local = [huggingface_hub.hf_hub_download(repo_id, f, repo_type="dataset") for f in sorted(files)]
     except DataError:
         raise
     except Exception as exc:  # network and auth errors
@@ -433,8 +440,6 @@ def _load_hub(repo_id: str, split: str | None, skip_bad: bool) -> QADataset:
 
 def write_qa_jsonl(examples: Iterable[QAExample], path: str | Path) -> Path:
     """Write rows atomically (temp file then rename)."""
-    from obliviate.runs import atomic_write_text
-
     lines = [json.dumps(e.to_json(), ensure_ascii=False) for e in examples]
     return atomic_write_text(path, "\n".join(lines) + "\n")
 

@@ -12,6 +12,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from huggingface_hub import constants
+
 # Suffixes that make a spec a local path even when nothing is there (never a hub id).
 PATH_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".yaml", ".yml", ".safetensors", ".gguf", ".bin")
 PROBE_SECONDS = 3.0
@@ -48,10 +50,6 @@ def hub_unreachable() -> str | None:
     """Why the hub cannot be reached now (offline mode, or no connection within a few seconds), else None.
 
     A direct TCP probe, skipped behind a proxy (where only the proxy may connect)."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - a dependency of transformers
-        return "huggingface_hub is not installed"
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):

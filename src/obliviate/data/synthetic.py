@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
+from obliviate.data.benchmark import write_benchmark_dir
 from obliviate.data.qa import QAExample
 from obliviate.data.world_facts import real_authors, world_facts
 from obliviate.options import check_fields, options_from_dict
@@ -583,8 +584,6 @@ def write_benchmark(splits: dict[str, list[QAExample]], directory: str | Path,
     Refuses a non-empty directory unless ``overwrite=True`` (and then only one holding a previous
     benchmark). Load it back with ``obliviate.data.benchmark.load_benchmark(directory)``.
     """
-    from obliviate.data.benchmark import write_benchmark_dir
-
     config = config or SyntheticConfig()
     roles = {role: split for role, split in SPLIT_ROLES.items() if split in splits}
     return write_benchmark_dir(splits, directory, roles, name=config.name, seed=config.seed,

@@ -44,17 +44,17 @@ class TextCorpus:
         return self.docs[i]
 
 
-# A raw document: (file, line, text, None), or (file, line, None, problem) when it is not readable text.
-_Raw = tuple[Path, int, str | None, str | None]
+# A raw document: (file, line, text, None), or (file, line, "", problem) when it is not readable text.
+_Raw = tuple[Path, int, str, str | None]
 
 
-def _decode(raw: bytes) -> tuple[str | None, str | None]:
+def _decode(raw: bytes) -> tuple[str, str | None]:
     if b"\x00" in raw:
-        return None, "holds NUL bytes: not a text file"
+        return "", "holds NUL bytes: not a text file"
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as exc:
-        return None, f"not UTF-8 text (byte {exc.start + 1} of the line)"
+        return "", f"not UTF-8 text (byte {exc.start + 1} of the line)"
 
 
 def _line_docs(path: Path) -> Iterator[_Raw]:
@@ -71,12 +71,12 @@ def _file_doc(path: Path) -> Iterator[_Raw]:
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     bad = data.find(b"\x00")
     if bad >= 0:
-        yield path, data.count(b"\n", 0, bad) + 1, None, "holds NUL bytes: not a text file"
+        yield path, data.count(b"\n", 0, bad) + 1, "", "holds NUL bytes: not a text file"
         return
     try:
         yield path, 1, data.decode("utf-8"), None
     except UnicodeDecodeError as exc:
-        yield path, data.count(b"\n", 0, exc.start) + 1, None, "not UTF-8 text"
+        yield path, data.count(b"\n", 0, exc.start) + 1, "", "not UTF-8 text"
 
 
 def _jsonl_docs(path: Path) -> Iterator[_Raw]:
@@ -99,7 +99,7 @@ def _jsonl_docs(path: Path) -> Iterator[_Raw]:
                     problem = f"'text' must be text, got {type(row['text']).__name__}"
                 elif not _encodable(row["text"]):
                     problem = "'text' holds a lone surrogate, not valid Unicode text"
-        yield path, lineno, (row["text"] if problem is None else None), problem
+        yield path, lineno, (row["text"] if problem is None else ""), problem
 
 
 def _encodable(text: str) -> bool:

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, TypeVar
 
+from accelerate import PartialState
+from accelerate.utils import gather_object
+
 from obliviate.data.chat import ChatFormat, length_grouped_batches
 from obliviate.evaluation.generation import generate_answers
 from obliviate.evaluation.logprobs import TokenScores, score_pairs
@@ -45,9 +48,6 @@ def merge_in_order(parts: Sequence[tuple[int, T]], n: int) -> list[T]:
 
 def _run_sharded(lengths: list[int], batch_size: int, compute: Callable[[list[int]], list[T]],
                  progress: Callable[[int], None] | None) -> list[T]:
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
     state = PartialState()
     batches = length_grouped_batches(lengths, batch_size, shuffle=False)
     world = state.num_processes

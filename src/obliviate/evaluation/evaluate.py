@@ -95,24 +95,29 @@ def _has_truth_ratio(name: str, ds: QADataset) -> bool:
 
 def _plan(name: str, ds: QADataset, pairs: _Pairs) -> _SetPlan:
     with_ratio = _has_truth_ratio(name, ds)
-    plan = _SetPlan(answer=[], base=[] if with_ratio else None, perturbed=[] if with_ratio else None)
+    answer: list[int] = []
+    bases: list[int] = []
+    perturbed: list[list[int]] = []
     for i, ex in enumerate(ds.examples):
         row = _row(ex, i)
-        plan.answer.append(pairs.add(ex.question, ex.answer, ds.source, row, "answer"))
+        answer.append(pairs.add(ex.question, ex.answer, ds.source, row, "answer"))
         if with_ratio:
             base = ex.paraphrased_answer if ex.paraphrased_answer is not None else ex.answer
-            plan.base.append(pairs.add(ex.question, base, ds.source, row, "paraphrased_answer"))
-            plan.perturbed.append([pairs.add(ex.question, p, ds.source, row, f"perturbed_answer[{j}]")
-                                   for j, p in enumerate(ex.perturbed_answers)])
-    return plan
+            bases.append(pairs.add(ex.question, base, ds.source, row, "paraphrased_answer"))
+            perturbed.append([pairs.add(ex.question, p, ds.source, row, f"perturbed_answer[{j}]")
+                              for j, p in enumerate(ex.perturbed_answers)])
+    return _SetPlan(answer=answer, base=bases if with_ratio else None, perturbed=perturbed if with_ratio else None)
 
 
 def _set_result(name: str, ds: QADataset, plan: _SetPlan, scores: list[TokenScores],
                 generations: list[str]) -> SetResult:
     answer = [scores[i] for i in plan.answer]
-    perturbed = None if plan.perturbed is None else [[scores[i] for i in row] for row in plan.perturbed]
-    ratios = None if perturbed is None else tofu.truth_ratio([scores[i] for i in plan.base], perturbed)
-    if name in NORMALISED_SETS:  # _has_truth_ratio made sure these sets have perturbed answers
+    perturbed, ratios = None, None
+    if plan.base is not None and plan.perturbed is not None:  # both or neither (_plan)
+        perturbed = [[scores[i] for i in row] for row in plan.perturbed]
+        ratios = tofu.truth_ratio([scores[i] for i in plan.base], perturbed)
+    if name in NORMALISED_SETS:
+        assert perturbed is not None  # _has_truth_ratio made sure these sets have perturbed answers
         prob = tofu.normalised_probability(answer, perturbed)
     else:
         prob = tofu.length_normalised_probability(answer)

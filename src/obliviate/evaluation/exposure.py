@@ -16,7 +16,7 @@ therefore not length-normalised: the measure is meant for candidates of the same
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def exposure_from_scores(examples: Sequence[QAExample], scores: Sequence[TokenSc
             "per_sample": {"exposure": values, "rank": ranks, "n_candidates": sizes}}
 
 
-def exposure_for_examples(model, fmt: ChatFormat, examples: Sequence[QAExample], batch_size: int = 32,
+def exposure_for_examples(model, fmt: ChatFormat, examples: Iterable[QAExample], batch_size: int = 32,
                           source: str | None = None) -> dict:
     """Exposure of each example's answer among its candidates (:func:`candidate_set`), all
     (question, candidate) pairs scored in one batched pass; see :func:`exposure_from_scores`."""

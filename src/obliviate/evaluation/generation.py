@@ -11,7 +11,8 @@ count real tokens only, so a question gets the same answer alone or in a batch.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import inspect
+from typing import Callable, Sequence, cast
 
 import torch
 
@@ -63,8 +64,6 @@ def greedy_batch(model, prompts: Sequence[list[int]], stop_ids: Sequence[int], p
 def _cache_argument(model) -> str:
     """The KV-cache keyword of ``model.forward``: ``cache`` in recent transformers, where
     ``past_key_values`` is a deprecated alias; ``past_key_values`` before."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -96,9 +95,9 @@ def generate_answers(model, fmt: ChatFormat, questions: list[str], max_new_token
         for idx in length_grouped_batches([len(p) for p in prompts], batch_size, shuffle=False):
             outs = greedy_batch(model, [prompts[i] for i in idx], stops, pad_id, max_new_tokens)
             for i, out in zip(idx, outs):
-                answers[i] = tok.decode(out, skip_special_tokens=True).strip()
+                answers[i] = cast(str, tok.decode(out, skip_special_tokens=True)).strip()  # one sequence: one str
             if progress:
                 progress(len(idx))
     finally:
         model.train(was_training)
-    return answers  # type: ignore[return-value]
+    return cast(list[str], answers)  # every index is in one batch: no None is left

@@ -80,10 +80,11 @@ def metric_drops(target_eval: dict[str, Any], unlearned_eval: dict[str, Any], re
         values = {(model, side): knowledge(result, set_name, metric, model)
                   for model, result in (("target", target_eval), ("unlearned", unlearned_eval))
                   for side, set_name in (("retain", retain_set), ("forget", forget_set))}
-        if any(v is None for v in values.values()):
+        known = {key: v for key, v in values.items() if v is not None}
+        if len(known) < len(values):
             out[metric] = None
             continue
-        out[metric] = {side: values[("target", side)] - values[("unlearned", side)] for side in ("retain", "forget")}
+        out[metric] = {side: known[("target", side)] - known[("unlearned", side)] for side in ("retain", "forget")}
     return out
 
 

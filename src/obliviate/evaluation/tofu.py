@@ -68,7 +68,7 @@ def truth_ratio(base: Sequence[TokenScores], perturbed: Sequence[Sequence[TokenS
     return np.exp(np.array(logs, dtype=np.float64))
 
 
-def aggregate_truth_ratio(ratios: Sequence[float], forget: bool) -> float:
+def aggregate_truth_ratio(ratios: Sequence[float] | np.ndarray, forget: bool) -> float:
     """TOFU's truth-ratio score from per-sample R.
 
     Forget set: mean(min(R, 1/R)), 1 when the model cannot tell true from false (R = 1).
@@ -89,7 +89,7 @@ def rouge_l_recall(references: Sequence[str], generations: Sequence[str]) -> np.
     Uses the ``rouge-score`` package with its Porter stemmer, as TOFU does:
     ``RougeScorer(["rougeL"], use_stemmer=True).score(reference, generated)["rougeL"].recall``.
     """
-    from rouge_score.rouge_scorer import RougeScorer
+    from rouge_score.rouge_scorer import RougeScorer  # about 2 s to import (nltk, absl): CLI start-up stays fast
 
     if len(references) != len(generations):
         raise ValueError(f"{len(references)} references but {len(generations)} generations")

@@ -22,7 +22,7 @@ Criteria (:func:`measure`):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -101,7 +101,7 @@ def judge(op: str, value: Any, threshold: Any) -> str:
     return PASS if ok else FAIL
 
 
-def overall_verdict(checks: list[Mapping[str, Any]], gaps: list[str]) -> str:
+def overall_verdict(checks: Sequence[Mapping[str, Any]], gaps: Sequence[str]) -> str:
     """fail if any check fails; incomplete if a check is unmeasured or evidence is missing (``gaps``,
     which include "no thresholds given"); pass otherwise."""
     verdicts = [c["verdict"] for c in checks]

@@ -48,11 +48,16 @@ Helpers (``common``): ``sequence_logps`` (the one summed log-prob of a view's la
 """
 
 from obliviate.methods.base import Method, Objective, Procedure, ProcedureResult, StepInputs
-from obliviate.methods.common import (hidden_states_at, kl_on_labels, per_sample_nll, reference_logps,
-                                      reference_logps_for_rows, sequence_logps)
+from obliviate.methods.common import (
+                                      hidden_states_at,
+                                      kl_on_labels,
+                                      per_sample_nll,
+                                      reference_logps,
+                                      reference_logps_for_rows,
+                                      sequence_logps,
+)
 from obliviate.methods.composite import Composite
-from obliviate.methods.registry import (FORGET, PRESETS, PROCEDURES, RETAIN, build_method, list_methods,
-                                        method_options)
+from obliviate.methods.registry import FORGET, PRESETS, PROCEDURES, RETAIN, build_method, list_methods, method_options
 
 __all__ = [
     "Method", "Objective", "Procedure", "ProcedureResult", "StepInputs", "Composite", "build_method", "list_methods",

@@ -100,6 +100,9 @@ class Objective:
     needs_ref_logps: ClassVar[bool] = False
     views: ClassVar[tuple[str, ...]] = ("answer",)
 
+    def __call__(self, inp: StepInputs) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} defines no loss")
+
     def bind(self, model: torch.nn.Module) -> None:
         """Resolve options that depend on the model (e.g. RMU's default layer). No-op by default."""
 
@@ -128,18 +131,27 @@ def finite(name: str, value) -> float:
     return x
 
 
-def require_view(batch: dict, view: str, who: str) -> dict:
+def require_view(batch: dict | None, view: str, who: str) -> dict:
     """``batch[view]``, or a ValueError saying which method needed which view."""
+    if batch is None:
+        raise ValueError(f"{who} needs the view '{view}' in its batch; got no batch")
     if view not in batch:
         present = sorted(k for k, v in batch.items() if isinstance(v, dict) and "input_ids" in v)
         raise ValueError(f"{who} needs the view '{view}' in its batch; the batch has views {present}")
     return batch[view]
 
 
-def require_ref_logp(batch: dict, view: str, who: str) -> torch.Tensor:
+def require_ref_logp(batch: dict | None, view: str, who: str) -> torch.Tensor:
     """The precomputed reference log-probs of ``view`` (see ``common.reference_logps``)."""
-    ref = batch.get("ref_logp") or {}
+    ref = (batch or {}).get("ref_logp") or {}
     if view not in ref:
         raise ValueError(f"{who} needs forget['ref_logp']['{view}'], the reference model's summed log-probs, "
                          "precomputed once before training (methods.reference_logps)")
     return ref[view]
+
+
+def require_ref_model(inp: StepInputs, who: str) -> torch.nn.Module:
+    """The frozen reference model of the step, or a ValueError naming the method that needs it."""
+    if inp.ref_model is None:
+        raise ValueError(f"{who} needs a frozen reference model; got ref_model=None")
+    return inp.ref_model

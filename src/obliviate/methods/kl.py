@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from obliviate.methods.base import Objective, StepInputs, require_view
+from obliviate.methods.base import Objective, StepInputs, require_ref_model, require_view
 from obliviate.methods.common import kl_on_labels
 
 
@@ -20,4 +20,5 @@ class RetainKL(Objective):
     needs_ref_model = True
 
     def __call__(self, inp: StepInputs) -> torch.Tensor:
-        return kl_on_labels(inp.model, inp.ref_model, require_view(inp.retain, "answer", "retain kl"))
+        view = require_view(inp.retain, "answer", "retain kl")
+        return kl_on_labels(inp.model, require_ref_model(inp, "retain kl"), view)

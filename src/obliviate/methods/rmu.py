@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from obliviate.methods.base import Objective, StepInputs, positive, require_view
+from obliviate.methods.base import Objective, StepInputs, positive, require_ref_model, require_view
 from obliviate.methods.common import decoder_layers, hidden_states_at, token_mask
 
 _MLP_PARAM = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.mlp\.")
@@ -89,9 +89,9 @@ class RMUForget(Objective):
         return self._target.to(device)
 
     def __call__(self, inp: StepInputs) -> torch.Tensor:
-        self.bind(inp.model)
+        self.layer = layer = _resolve_layer(inp.model, self.layer)  # bind(inp.model)
         view = require_view(inp.forget, "answer", "rmu")
-        hidden = hidden_states_at(inp.model, self.layer, view).float()
+        hidden = hidden_states_at(inp.model, layer, view).float()
         mask = token_mask(view, self.tokens).to(hidden.device)
         sq = (hidden - self.target(hidden.shape[-1], hidden.device)).pow(2).mean(-1)
         return (sq * mask).sum(1) / mask.sum(1)
@@ -113,10 +113,10 @@ class RMURetain(Objective):
         self.layer = _resolve_layer(model, self.layer)
 
     def __call__(self, inp: StepInputs) -> torch.Tensor:
-        self.bind(inp.model)
+        self.layer = layer = _resolve_layer(inp.model, self.layer)  # bind(inp.model)
         view = require_view(inp.retain, "answer", "rmu retain")
-        hidden = hidden_states_at(inp.model, self.layer, view).float()
+        hidden = hidden_states_at(inp.model, layer, view).float()
         with torch.no_grad():
-            ref = hidden_states_at(inp.ref_model, self.layer, view).float().to(hidden.device)
+            ref = hidden_states_at(require_ref_model(inp, "rmu retain"), layer, view).float().to(hidden.device)
         mask = token_mask(view, self.tokens).to(hidden.device)
         return ((hidden - ref).pow(2).mean(-1) * mask).sum() / mask.sum()

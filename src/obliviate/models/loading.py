@@ -10,12 +10,15 @@ Weights load with safetensors only, and ``trust_remote_code`` stays off unless a
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata as md
 import os
 import shutil
 from pathlib import Path
 
+import huggingface_hub  # its submodules load on first attribute access
 import torch
+from platformdirs import user_cache_dir
 
 from obliviate.data.specs import hub_unreachable, looks_like_path, missing_path_reason
 from obliviate.errors import UserError
@@ -33,8 +36,6 @@ class ModelNotFoundError(UserError, FileNotFoundError):
 def cache_dir() -> Path:
     if os.environ.get("OBLIVIATE_CACHE"):
         return Path(os.environ["OBLIVIATE_CACHE"])
-    from platformdirs import user_cache_dir
-
     return Path(user_cache_dir("obliviate"))
 
 
@@ -58,13 +59,13 @@ def embedded_gguf(name: str) -> Path:
         ) from None
     for f in dist.files or []:
         if f.name == filename:
-            return Path(dist.locate_file(f))
+            return Path(str(dist.locate_file(f)))  # a pathlib.Path, typed as the SimplePath protocol
     raise FileNotFoundError(f"{filename} not found in the installed package {dist_name}")
 
 
 def _convert_embedded(name: str, target: Path) -> None:
     """Dequantise the GGUF once and save a safetensors checkpoint plus tokenizer (atomic rename)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers' model classes take ~4 s to import
 
     gguf = embedded_gguf(name)
     tmp = target.with_name(target.name + ".tmp")
@@ -72,7 +73,7 @@ def _convert_embedded(name: str, target: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained while it carries its quantizer.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # an instance attribute transformers does not declare
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
@@ -118,9 +119,7 @@ def resolve_model_path(spec: str) -> str:
 
 def _in_hub_cache(repo_id: str) -> bool:
     try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        return isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str)
     except Exception:  # an id the cache cannot even look up (HFValidationError): let the load report it
         return False
 
@@ -143,7 +142,7 @@ def _from_pretrained(load, path: str, spec: str, **kwargs):
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # ~4 s to import: only commands that load a model pay for it
 
     tok = _from_pretrained(AutoTokenizer.from_pretrained, resolve_model_path(spec), spec,
                            trust_remote_code=trust_remote_code)
@@ -154,7 +153,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
                trust_remote_code: bool = False, attn_implementation: str | None = "sdpa"):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # ~4 s to import: only commands that load a model pay for it
 
     path = resolve_model_path(spec)
     if Path(path).is_dir() and list(Path(path).glob("*.bin")) and not list(Path(path).glob("*.safetensors")):
@@ -186,8 +185,6 @@ def save_checkpoint(model, tokenizer, path: str | Path, merge_lora: bool = True,
     shutil.rmtree(tmp, ignore_errors=True)
     to_save = model
     if hasattr(model, "merge_and_unload") and merge_lora:
-        import copy
-
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
@@ -198,9 +195,10 @@ def save_checkpoint(model, tokenizer, path: str | Path, merge_lora: bool = True,
     return path
 
 
-def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules: str | list[str] = "all-linear"):
+def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+               target_modules: str | list[str] = "all-linear"):
     """Wrap a model with LoRA adapters (peft); only the adapters train."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # ~5 s to import (it loads transformers); only LoRA runs need it
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")

@@ -37,10 +37,24 @@ from obliviate.evaluation.verdict import (  # noqa: F401 - Thresholds, PASS... a
     run_checks,
 )
 from obliviate.reporting.tables import format_number
-from obliviate.runs.fingerprint import MODEL_CARD, canonical_json, config_hash, sha256_path, sha256_text
-from obliviate.runs.registry import (SUB_RUNS, _name, find_in_run, read_config, read_json_file, read_metrics, unlearn_run_dir)
 from obliviate.runs import atomic_write_json, atomic_write_text, git_commit
-from obliviate.runs.fingerprint import dataset_fingerprint
+from obliviate.runs.fingerprint import (
+    MODEL_CARD,
+    canonical_json,
+    config_hash,
+    dataset_fingerprint,
+    sha256_path,
+    sha256_text,
+)
+from obliviate.runs.registry import (
+    SUB_RUNS,
+    _name,
+    find_in_run,
+    read_config,
+    read_json_file,
+    read_metrics,
+    unlearn_run_dir,
+)
 
 FORMAT = "obliviate.audit/1"
 GENESIS = "0" * 64
@@ -185,7 +199,9 @@ def record_verdict(record: dict[str, Any]) -> str | None:
 
 # Fields every entry of a type must have, with their JSON types; a record without them is malformed
 # (an AuditError), while wrong values in well-formed entries are what verify reports.
-_STR, _OPT_STR, _LIST = (str,), (str, type(None)), (list,)
+_STR: tuple[type, ...] = (str,)
+_OPT_STR: tuple[type, ...] = (str, type(None))
+_LIST: tuple[type, ...] = (list,)
 _ENTRY_FIELDS: dict[str | None, dict[str, tuple[type, ...]]] = {
     None: {"seq": (int,), "type": _STR, "prev": _STR, "hash": _STR},
     "check": {"name": _STR, "op": _STR, "verdict": _OPT_STR},
@@ -239,7 +255,8 @@ def verify(record_path: str | Path, expected_head: str | None = None, rehash: bo
     for i, entry in enumerate(entries):
         where = f"entry {i} ({entry.get('type', '?')}{':' + str(entry['role']) if 'role' in entry else ''})"
         if entry.get("seq") != i:
-            problems.append(f"{where}: sequence number {entry.get('seq')!r}, expected {i} (entries removed or reordered)")
+            problems.append(f"{where}: sequence number {entry.get('seq')!r}, expected {i} "
+                            "(entries removed or reordered)")
         if entry.get("prev") != prev:
             problems.append(f"{where}: does not link to the previous entry's hash")
         try:
@@ -270,14 +287,14 @@ def verify(record_path: str | Path, expected_head: str | None = None, rehash: bo
         problems.append(f"overall verdict {verdicts[0].get('verdict')!r} does not follow from the checks")
 
     if rehash:
-        for e in entries:
-            if e.get("type") != "file" or not e.get("path"):
+        for entry in entries:
+            if entry.get("type") != "file" or not entry.get("path"):
                 continue
-            path = Path(e["path"])
+            path = Path(entry["path"])
             if not path.exists():
-                problems.append(f"{e['role']}: {path} no longer exists, cannot re-hash it")
-            elif sha256_path(path, e.get("exclude") or ()) != e.get("sha256"):
-                problems.append(f"{e['role']}: {path} has changed since it was certified (sha256 differs)")
+                problems.append(f"{entry['role']}: {path} no longer exists, cannot re-hash it")
+            elif sha256_path(path, entry.get("exclude") or ()) != entry.get("sha256"):
+                problems.append(f"{entry['role']}: {path} has changed since it was certified (sha256 differs)")
     return problems
 
 
@@ -364,7 +381,8 @@ def render_record_html(record: dict[str, Any]) -> str:
         models = m.get("models") or {}
         keys = sorted({k for row in models.values() if isinstance(row, dict) for k in row})
         if keys:
-            out.append("<h2>Metrics</h2><table><tr><th>metric</th>" + "".join(f"<th>{_e(l)}</th>" for l in models) + "</tr>")
+            out.append("<h2>Metrics</h2><table><tr><th>metric</th>"
+                       + "".join(f"<th>{_e(label)}</th>" for label in models) + "</tr>")
             for k in keys:
                 out.append(f"<tr><td>{_e(k)}</td>" + "".join(
                     f"<td>{_e(format_number((row or {}).get(k)) if (row or {}).get(k) is not None else '')}</td>"

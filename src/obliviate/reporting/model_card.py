@@ -16,9 +16,9 @@ from typing import Any, Mapping
 import obliviate
 from obliviate.reporting.audit import record_verdict
 from obliviate.reporting.tables import format_number
+from obliviate.runs import atomic_write_text
 from obliviate.runs.fingerprint import MODEL_CARD, config_hash, model_fingerprint
 from obliviate.runs.registry import _name, read_config, read_json_file, read_metrics, unlearn_run_dir
-from obliviate.runs import atomic_write_text
 
 # Metrics shown on the card, in this order, when present.
 CARD_METRICS = ("forget_quality", "model_utility", "forget_rouge", "forget_probability", "forget_truth_ratio",
@@ -46,7 +46,7 @@ def model_card_info(run_dir: str | Path, record: Mapping[str, Any] | None = None
         "obliviate_version": obliviate.__version__,
     }
     if record is not None:
-        before = next((e for e in record["entries"] if e.get("role") == "model_before"), {})
+        before: dict[str, Any] = next((e for e in record["entries"] if e.get("role") == "model_before"), {})
         info["base_model_sha256"] = before.get("sha256")
         info["audit"] = {"head": record["head"], "verdict": record_verdict(dict(record)),
                          "record": Path(record_path).name if record_path else None}
@@ -71,22 +71,25 @@ def render_model_card(info: Mapping[str, Any]) -> str:
         what = "forgotten" if role == "forget" else "kept (used to preserve utility)" if role == "retain" else role
         lines.append(f"| {role} ({what}) | `{spec.get('sha256')}` | {format_number(spec.get('n'))} |")
     metrics = info.get("metrics") or {}
-    labels = [l for l in ("target", "oracle", "unlearned") if l in metrics] + \
-             [l for l in metrics if l not in ("target", "oracle", "unlearned")]
-    keys = [k for k in CARD_METRICS if any(k in (metrics[l] or {}) for l in labels)]
+    labels = [label for label in ("target", "oracle", "unlearned") if label in metrics] + \
+             [label for label in metrics if label not in ("target", "oracle", "unlearned")]
+    keys = [k for k in CARD_METRICS if any(k in (metrics[label] or {}) for label in labels)]
     if keys:
         lines += ["", "## Metrics", "",
-                  "`target`: before unlearning; `oracle`: trained without the forget data; `unlearned`: this model.", "",
+                  "`target`: before unlearning; `oracle`: trained without the forget data; "
+                  "`unlearned`: this model.", "",
                   "| metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
         for k in keys:
-            lines.append(f"| {k} | " + " | ".join(format_number((metrics[l] or {}).get(k)) for l in labels) + " |")
+            lines.append(f"| {k} | " + " | ".join(format_number((metrics[label] or {}).get(k)) for label in labels)
+                         + " |")
     lines += ["", "## Fingerprints and audit", "",
               f"- model sha256 (every file of this directory except {MODEL_CARD}): `{info.get('model_sha256')}`",
               f"- config sha256: `{info.get('config_sha256')}`"]
     audit = info.get("audit")
     if audit:
         lines += [f"- audit record head hash: `{audit['head']}` (verdict: {audit.get('verdict')})",
-                  f"- check it: `obliviate verify {audit.get('record') or 'RECORD.json'} --expected-head {audit['head']}`"]
+                  f"- check it: `obliviate verify {audit.get('record') or 'RECORD.json'} "
+                  f"--expected-head {audit['head']}`"]
     else:
         lines.append("- no audit record (run `obliviate certify` to make one)")
     return "\n".join(lines) + "\n"

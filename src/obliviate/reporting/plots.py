@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from obliviate.reporting.tables import SUMMARY, format_number
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Forget quality is a p-value and can underflow to 0; plot such points at this floor.
 FQ_FLOOR = 1e-300
@@ -25,6 +26,10 @@ _CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17
 
 
 def new_figure(width: float, height: float) -> Figure:
+    # Matplotlib takes about a second to import; only commands that draw figures pay for it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -98,7 +103,8 @@ def relearn_figure(relearn: Mapping[str, Any]) -> Figure:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     recovery = _finite((relearn.get("summary") or {}).get("recovery"))
-    fig.suptitle("Relearning attack" + (f" (recovery {format_number(recovery, SUMMARY)})" if recovery is not None else ""))
+    fig.suptitle("Relearning attack"
+                 + (f" (recovery {format_number(recovery, SUMMARY)})" if recovery is not None else ""))
     return fig
 
 
@@ -114,7 +120,7 @@ def truth_ratio_figure(values: Mapping[str, Sequence[float]]) -> Figure:
     fig = new_figure(7.5, 3.8)
     ax = fig.add_subplot()
     every = np.concatenate([v for v in logs.values() if v.size]) if any(v.size for v in logs.values()) else np.zeros(1)
-    bins = np.linspace(every.min(), every.max() + 1e-9, 25)
+    bins = np.linspace(every.min(), every.max() + 1e-9, 25).tolist()  # the same edges, as the floats hist's types ask
     for i, (label, arr) in enumerate(logs.items()):
         colour = COLOURS.get(label, _CYCLE[i % len(_CYCLE)])
         if label == "oracle":

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import obliviate
-from obliviate.runs.fingerprint import config_hash
-from obliviate.runs.registry import RunFileError, find_in_run, read_config, read_json_file, run_identity
+from obliviate.reporting import plots
 from obliviate.reporting.tables import format_number, markdown_cell, markdown_table
 from obliviate.runs import atomic_write_bytes, atomic_write_text
+from obliviate.runs.fingerprint import config_hash
+from obliviate.runs.registry import RunFileError, find_in_run, read_config, read_json_file, run_identity
 
 LABEL_ORDER = ("target", "oracle", "unlearned")
 HEADLINE = ("forget_quality", "model_utility")
@@ -125,7 +126,8 @@ def _optional(run_dir: Path, rel: str, kind: type) -> Any:
         return None
     value = read_json_file(path)
     if not isinstance(value, kind):
-        raise RunFileError(f"{path}: expected a JSON {'list' if kind is list else 'object'}, got {type(value).__name__}")
+        raise RunFileError(f"{path}: expected a JSON {'list' if kind is list else 'object'}, "
+                           f"got {type(value).__name__}")
     return value
 
 
@@ -140,8 +142,8 @@ def _ordered(d: dict[str, Any]) -> dict[str, Any]:
 
 def metric_rows(models: dict[str, dict[str, Any]], side: str) -> list[list[str]]:
     """[metric, value per model] for every metric of one side, headline metrics first."""
-    keys = {k for row in models.values() for k, v in row.items() if not isinstance(v, (dict, list))}
-    keys = [k for k in keys if metric_side(k) == side]
+    scalars = {k for row in models.values() for k, v in row.items() if not isinstance(v, (dict, list))}
+    keys = [k for k in scalars if metric_side(k) == side]
     keys.sort(key=lambda k: (k not in HEADLINE, HEADLINE.index(k) if k in HEADLINE else 0, k))
     return [[k] + [format_number(row.get(k)) for row in models.values()] for k in keys]
 
@@ -151,9 +153,8 @@ def quantise_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
     arXiv 2410.16454: quantisation can restore forgotten knowledge)."""
     full = run.models.get("unlearned", {})
     # quantise.json may repeat the full-precision row under "none"; the pipeline's row is shown instead.
-    rows_in = [("full precision", full)] + [(f"{bits}-bit", row) for bits, row in
-                                            sorted(run.quantise.items(), key=lambda kv: -int(kv[0]) if kv[0].isdigit() else 0)
-                                            if bits.isdigit()]
+    by_bits = sorted((run.quantise or {}).items(), key=lambda kv: -int(kv[0]) if kv[0].isdigit() else 0)
+    rows_in = [("full precision", full)] + [(f"{bits}-bit", row) for bits, row in by_bits if bits.isdigit()]
     keys = [k for k in ("forget_quality", "model_utility") if any(k in r for _, r in rows_in)]
     keys += sorted({k for _, r in rows_in[1:] for k in r if k not in keys and not isinstance(r[k], (dict, list))})
     return ["weights"] + keys, [[name] + [format_number(r.get(k)) for k in keys] for name, r in rows_in]
@@ -161,14 +162,15 @@ def quantise_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
 
 def generation_rows(run: RunData, set_name: str, n: int) -> tuple[list[str], list[list[str]]]:
     """Question, then each model's generation (with its ROUGE-L recall) for the first ``n`` questions."""
-    labels = [l for l, ev in run.evals.items() if set_name in ev["sets"]
+    labels = [label for label, ev in run.evals.items() if set_name in ev["sets"]
               and "generation" in ev["sets"][set_name].get("per_sample", {})]
     if not labels:
         return [], []
     base = run.evals[labels[0]]["sets"][set_name]["per_sample"]
     questions = base.get("question") or [f"#{i}" for i in range(len(base["generation"]))]
     # Only models evaluated on the same questions, in the same order, go side by side.
-    labels = [l for l in labels if run.evals[l]["sets"][set_name]["per_sample"].get("question", questions) == questions]
+    labels = [label for label in labels
+              if run.evals[label]["sets"][set_name]["per_sample"].get("question", questions) == questions]
     rows = []
     for i in range(min(n, len(questions))):
         row = [questions[i]]
@@ -212,26 +214,23 @@ class ReportFigure:
 
 
 def run_figures(run: RunData) -> list[ReportFigure]:
-    from obliviate.reporting import plots  # Matplotlib is slow to import; only pages with figures need it
-
     figs = []
     if run.trajectory:
-        anchors = {l: (r.get("forget_quality"), r.get("model_utility")) for l, r in run.models.items()}
+        anchors = {label: (r.get("forget_quality"), r.get("model_utility")) for label, r in run.models.items()}
         fig = plots.tradeoff_figure({run.identity.get("method") or "unlearning": run.trajectory}, anchors)
         figs.append(ReportFigure("tradeoff", "Forget quality vs model utility", plots.png_bytes(fig)))
     if run.relearn and run.relearn.get("steps"):
         figs.append(ReportFigure("relearn", "Relearning attack", plots.png_bytes(plots.relearn_figure(run.relearn))))
     ratios = truth_ratios(run)
     if ratios:
-        figs.append(ReportFigure("truth_ratio", "Truth ratios vs the oracle", plots.png_bytes(plots.truth_ratio_figure(ratios))))
+        figs.append(ReportFigure("truth_ratio", "Truth ratios vs the oracle",
+                                 plots.png_bytes(plots.truth_ratio_figure(ratios))))
     if any("loss" in r for r in run.log):
         figs.append(ReportFigure("loss", "Training loss", plots.png_bytes(plots.loss_figure(run.log))))
     return figs
 
 
 def overview_figure(runs: Sequence[RunData], names: Sequence[str]) -> ReportFigure | None:
-    from obliviate.reporting import plots
-
     curves = {name: run.trajectory for run, name in zip(runs, names) if run.trajectory}
     if not curves:
         return None
@@ -304,7 +303,7 @@ def run_html(run: RunData, name: str, figs: list[ReportFigure], examples: int) -
     for fig in figs:
         out.append(f"<h3>{_e(fig.title)}</h3>{img_tag(fig)}")
         if fig.name == "relearn":
-            rec = (run.relearn.get("summary") or {}).get("recovery")
+            rec = ((run.relearn or {}).get("summary") or {}).get("recovery")
             out.append(f"<p>Recovery: <b>{_e(format_number(rec))}</b></p>")
     if run.quantise:
         header, rows = quantise_rows(run)
@@ -341,8 +340,10 @@ def run_markdown(run: RunData, name: str, fig_paths: dict[str, str]) -> str:
             if rows:
                 out += [f"**Metrics, {side} side**", "", markdown_table(["metric"] + list(run.models), rows), ""]
     if run.verdict:
-        out += ["**Verdict**", ""] + [f"- {markdown_cell(k)}: {markdown_cell(format_number(v) if not isinstance(v, (dict, list)) else json.dumps(v))}"
-                                      for k, v in run.verdict.items()] + [""]
+        out += ["**Verdict**", ""] + [
+            f"- {markdown_cell(k)}: "
+            f"{markdown_cell(format_number(v) if not isinstance(v, (dict, list)) else json.dumps(v))}"
+            for k, v in run.verdict.items()] + [""]
     if run.relearn:
         out += [f"Relearning recovery: {format_number((run.relearn.get('summary') or {}).get('recovery'))}", ""]
     if run.quantise:

@@ -74,7 +74,7 @@ def git_commit() -> str | None:
 def environment(seed: int | None = None) -> dict[str, Any]:
     import importlib.metadata as md
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in ("obliviate", "torch", "transformers", "accelerate", "peft", "safetensors", "numpy", "scipy"):
         try:
             versions[name] = md.version(name)

@@ -15,6 +15,7 @@ fatal: it must not cost anyone a finished training run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -109,7 +110,9 @@ def run_identity(run_dir: str | Path, config: dict[str, Any] | None = None) -> d
     """kind, benchmark, method and model of a run, read from its config (and a demo's unlearn/)."""
     run_dir = Path(run_dir)
     config = read_config(run_dir, required=False) if config is None else config
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    config = config or {}
+    data = config.get("data")
+    data = data if isinstance(data, dict) else {}
     ident = {
         "kind": _name(config.get("command")),
         "benchmark": _name(config.get("benchmark")) or _name(data.get("benchmark")),
@@ -486,9 +489,7 @@ class Registry:
             if file_status in ("done", "failed", "interrupted"):
                 self.record_finish(rec.id, status=file_status)
             else:
-                self._retry(lambda c, i=rec.id: c.execute(
-                    "UPDATE runs SET status = 'crashed', finished = ? WHERE id = ? AND status = 'running'",
-                    (time.time(), i)), write=True)
+                self._retry(functools.partial(_mark_crashed, run_id=rec.id), write=True)
             changed.append(rec.id)
         return changed
 
@@ -544,6 +545,11 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+
+def _mark_crashed(conn: sqlite3.Connection, run_id: str) -> None:
+    conn.execute("UPDATE runs SET status = 'crashed', finished = ? WHERE id = ? AND status = 'running'",
+                 (time.time(), run_id))
+
 # ----------------------------------------------------------------------------------------------
 # Recording (never fatal)
 
@@ -555,7 +561,7 @@ def registry() -> Registry | None:
     try:
         return Registry()
     except Exception as exc:  # noqa: BLE001 - see the module docstring
-        warnings.warn(f"run registry unavailable: {exc}")
+        warnings.warn(f"run registry unavailable: {exc}", stacklevel=2)
         return None
 
 
@@ -567,21 +573,21 @@ def record_start(run_dir: Path, *, kind: str, resume: bool, parent_dir: str | Pa
         parent_id = reg.id_for_path(parent_dir) if parent_dir is not None else None
         return reg.record_start(run_dir, kind=kind, parent_id=parent_id, resume=resume)
     except Exception as exc:  # noqa: BLE001
-        warnings.warn(f"run registry: could not record the start of {run_dir}: {exc}")
+        warnings.warn(f"run registry: could not record the start of {run_dir}: {exc}", stacklevel=2)
         return None
 
 
 def record_finish(run_id: str | None, status: str, children: Iterable[Path] = ()) -> None:
     """The end of a run, and its finished sub-runs as children."""
     reg = registry() if run_id is not None else None
-    if reg is None:
+    if reg is None or run_id is None:
         return
     try:
         reg.record_finish(run_id, status=status)
         for child in children:
             reg.add_run(child, parent_id=run_id)
     except Exception as exc:  # noqa: BLE001
-        warnings.warn(f"run registry: could not record the end of the run: {exc}")
+        warnings.warn(f"run registry: could not record the end of the run: {exc}", stacklevel=2)
 
 
 def record_result(result_file: Path, kind: str, **fields: Any) -> None:
@@ -592,4 +598,4 @@ def record_result(result_file: Path, kind: str, **fields: Any) -> None:
     try:
         reg.record_result(result_file, kind, **fields)
     except Exception as exc:  # noqa: BLE001 - a result on disk matters more than its registry row
-        warnings.warn(f"run registry: could not record {result_file}: {exc}")
+        warnings.warn(f"run registry: could not record {result_file}: {exc}", stacklevel=2)

@@ -263,7 +263,8 @@ class RunDir:
             return None
 
     @contextlib.contextmanager
-    def running(self, kind: str, *, resume: bool = False, parent_dir: str | Path | None = None) -> Iterator["Lifecycle"]:
+    def running(self, kind: str, *, resume: bool = False,
+                parent_dir: str | Path | None = None) -> Iterator["Lifecycle"]:
         """running -> done (the block returned), failed (it raised) or interrupted (SIGINT/SIGTERM);
         each recorded in status.json and the run registry. Yields a :class:`Lifecycle` on which the
         block names finished sub-runs (``life.children``)."""

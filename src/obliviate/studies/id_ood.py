@@ -21,12 +21,12 @@ Per example, **steps to forget** is the first evaluated step at which its exposu
 the oracle's exposure of that example (likewise for ROUGE); None (censored) when the budget ends
 first, so the resolution is ``eval_every`` steps. Medians count censored examples as slower than
 any forgotten one (a median over the forgotten ones alone would favour the set that forgets fewer).
-**Utility at forget** is the retain utility at that step. Statistics cover the *memorised* examples only (target exposure above the oracle's; for
-ROUGE, target ROUGE above the oracle's): an example the target never memorised is at the oracle
-level from step 0 and says nothing about unlearning. Within each set, examples are split at the
-set's median into memorisation strength ``strong`` / ``weak`` (the target's length-normalised
-probability of the answer) and difficulty ``easy`` / ``hard`` (the oracle's: an example a model
-that never saw it finds likely is easy).
+**Utility at forget** is the retain utility at that step. Statistics cover the *memorised* examples
+only (target exposure above the oracle's; for ROUGE, target ROUGE above the oracle's): an example
+the target never memorised is at the oracle level from step 0 and says nothing about unlearning.
+Within each set, examples are split at the set's median into memorisation strength ``strong`` /
+``weak`` (the target's length-normalised probability of the answer) and difficulty ``easy`` /
+``hard`` (the oracle's: an example a model that never saw it finds likely is easy).
 
 Outputs in the study directory: ``id_ood.json`` (everything), ``id_ood.csv`` (summary table),
 ``id_ood_examples.csv`` (one row per example and method), ``curves/<set>-<method>.json`` (the
@@ -198,7 +198,7 @@ def _stat(values: list, fn: Callable) -> float | None:
     return float(fn(values)) if values else None
 
 
-def censored_median(steps: Sequence[int | None]) -> float | None:
+def censored_median(steps: Sequence[float | None]) -> float | None:
     """Median steps to forget with "not reached" (None) counted as longer than any budget: finite
     only when fewer than half of the examples are censored around the middle. Returns None for an
     empty list and ``inf`` when the median is not reached within the budget."""
@@ -382,8 +382,8 @@ def run_id_ood(bench: Benchmark | str | Path, out: str | Path, cfg: IdOodConfig 
     run = RunDir.open(out, kind="study", fingerprint={"config": config, "data": data}, overwrite=overwrite,
                       resume=resume, inputs=(bench.source, cfg.model))
     run.write_config(config, seed=cfg.seed)
-    common = dict(dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length, progress=progress,
-                  resume=resume)
+    common: dict[str, Any] = dict(dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length,
+                                  progress=progress, resume=resume)
     with run.running("study", resume=resume):
         echo("[obliviate] finetuning the target on full + " + " + ".join(cfg.sets))
         target_dir = api.finetune(cfg.model, _union("target", full, *parts.values()), run.file("target"),
@@ -423,7 +423,8 @@ def run_id_ood(bench: Benchmark | str | Path, out: str | Path, cfg: IdOodConfig 
                 curves[s][method] = unlearn_curve(target, tokenizer, fmt, parts[s], retain, retain_eval, method, cfg,
                                                   target_points[s], progress)
                 run.write_json(name, curves[s][method])
-        examples = [r for s in cfg.sets for r in per_example(parts[s], s, target_points[s], oracle_points[s], curves[s])]
+        examples = [r for s in cfg.sets
+                    for r in per_example(parts[s], s, target_points[s], oracle_points[s], curves[s])]
         table = summary_table(examples, curves)
         result = {"config": asdict(cfg), "benchmark": bench.source,
                   "oracle": "shared (full only)" if cfg.shared_oracle else "per set (target data without the set)",

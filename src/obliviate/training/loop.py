@@ -71,9 +71,10 @@ def _shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
     return batches[:usable][rank::world]
 
 
-def train(model, tokenizer, method: Method, primary: QADataset, cfg: TrainConfig, *, retain: QADataset | None = None,
-          fmt: ChatFormat | None = None, run: RunDir | None = None, resume: bool = False,
-          sample_weights: torch.Tensor | None = None, param_masks: dict[str, torch.Tensor] | None = None,
+def train(model, tokenizer, method: Method | Procedure, primary: QADataset, cfg: TrainConfig, *,
+          retain: QADataset | None = None, fmt: ChatFormat | None = None, run: RunDir | None = None,
+          resume: bool = False, sample_weights: torch.Tensor | None = None,
+          param_masks: dict[str, torch.Tensor] | None = None,
           on_eval: Callable[[torch.nn.Module, int], None] | None = None, progress: bool = True,
           accelerator=None, description: str = "train") -> TrainResult:
     """Train ``model`` with ``method`` on ``primary`` (the forget set, or the finetuning data for
@@ -277,7 +278,7 @@ def train(model, tokenizer, method: Method, primary: QADataset, cfg: TrainConfig
 def _tracking_kwargs(trackers: list[str], run: RunDir | None) -> dict:
     """Accelerate's own TensorBoard / MLflow trackers, writing under ``RUN/tracking`` (MLflow: a local
     file store there unless MLFLOW_TRACKING_URI says otherwise)."""
-    if not trackers:
+    if not trackers or run is None:  # trackers need a run directory (the caller gives none without one)
         return {}
     missing = [t for t, ok in (("tensorboard", is_tensorboard_available), ("mlflow", is_mlflow_available))
                if t in trackers and not ok()]
@@ -286,7 +287,7 @@ def _tracking_kwargs(trackers: list[str], run: RunDir | None) -> dict:
         raise ValueError(f"log_with={','.join(missing)} needs the package installed (pip install {packages})")
     root = run.file("tracking")
     if "mlflow" in trackers and "MLFLOW_TRACKING_URI" not in os.environ:
-        import mlflow
+        import mlflow  # optional extra (obliviate[tracking])
 
         # The local file store the issue asks for; MLflow 3 wants this opt-in for it.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

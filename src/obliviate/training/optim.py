@@ -35,7 +35,7 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict], sharded: bool) -> torc
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional extra (obliviate[bnb])
     except ImportError:
         raise ValueError(f"optimizer {cfg.optimizer} needs bitsandbytes (pip install bitsandbytes)") from None
     if cfg.optimizer == "paged_adamw8bit" and not torch.cuda.is_available():

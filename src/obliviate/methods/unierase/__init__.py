@@ -12,8 +12,14 @@ a ``methods.Procedure``::
 """
 
 from obliviate.methods.unierase.edit import alphaedit_update, default_layers, nullspace_projector
-from obliviate.methods.unierase.recipe import (STATS_FILE, UniErase, UniEraseOptions, apply_unierase, first_token_rate,
-                                               unierase)
+from obliviate.methods.unierase.recipe import (
+                                               STATS_FILE,
+                                               UniErase,
+                                               UniEraseOptions,
+                                               apply_unierase,
+                                               first_token_rate,
+                                               unierase,
+)
 from obliviate.methods.unierase.token import UNLEARN_TOKEN, add_unlearn_token, train_unlearn_token
 
 __all__ = ["UniErase", "UniEraseOptions", "unierase", "apply_unierase", "first_token_rate", "add_unlearn_token",

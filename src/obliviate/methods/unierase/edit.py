@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, overload
 
 import torch
 from torch import nn
@@ -94,6 +94,21 @@ def _forward(model: nn.Module, batch: Tokens):
                  use_cache=False)
 
 
+@overload
+def capture(model: nn.Module, batch: Tokens, key_layers: Sequence[int] = (), out_layer: None = None
+            ) -> tuple[dict[int, torch.Tensor], None]: ...
+
+
+@overload
+def capture(model: nn.Module, batch: Tokens, key_layers: Sequence[int] = (), *, out_layer: int
+            ) -> tuple[dict[int, torch.Tensor], torch.Tensor]: ...
+
+
+@overload
+def capture(model: nn.Module, batch: Tokens, key_layers: Sequence[int], out_layer: int
+            ) -> tuple[dict[int, torch.Tensor], torch.Tensor]: ...
+
+
 @torch.no_grad()
 def capture(model: nn.Module, batch: Tokens, key_layers: Sequence[int] = (), out_layer: int | None = None
             ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
@@ -117,7 +132,7 @@ def capture(model: nn.Module, batch: Tokens, key_layers: Sequence[int] = (), out
     def stop_hook(module, args, output):
         raise _Stop
 
-    handles = [down_proj(model, l).register_forward_pre_hook(key_hook(l)) for l in key_layers]
+    handles = [down_proj(model, layer).register_forward_pre_hook(key_hook(layer)) for layer in key_layers]
     if out_layer is not None:
         handles.append(layers[out_layer].register_forward_hook(out_hook))
     handles.append(layers[deepest].register_forward_hook(stop_hook))

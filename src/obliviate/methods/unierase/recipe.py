@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import nn
@@ -21,14 +21,32 @@ from obliviate.data.chat import ChatFormat, iter_chunks
 from obliviate.data.qa import DataError, QADataset, QAExample
 from obliviate.data.world_facts import real_authors, world_facts
 from obliviate.methods.base import ProcedureResult
-from obliviate.methods.unierase.edit import (Tokens, default_layers, down_proj, edit_batch, key_second_moment,
-                                             last_position_tokens, make_tokens, nullspace_projector,
-                                             optimise_targets)
-from obliviate.methods.unierase.token import (UNLEARN_TOKEN, add_unlearn_token, encode_rows, refusal_examples,
-                                              token_matrices, train_unlearn_token)
+from obliviate.methods.unierase.edit import (
+    Tokens,
+    default_layers,
+    down_proj,
+    edit_batch,
+    key_second_moment,
+    last_position_tokens,
+    make_tokens,
+    nullspace_projector,
+    optimise_targets,
+)
+from obliviate.methods.unierase.token import (
+    UNLEARN_TOKEN,
+    add_unlearn_token,
+    encode_rows,
+    input_matrix,
+    refusal_examples,
+    token_matrices,
+    train_unlearn_token,
+)
 from obliviate.models.loading import save_checkpoint
 from obliviate.options import options_from_dict
 from obliviate.runs import atomic_write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 STATS_FILE = "unierase.json"
 
@@ -69,7 +87,7 @@ class UniEraseOptions:
         if not 0 < self.nullspace_threshold < 1:
             raise ValueError(f"nullspace_threshold must be in (0, 1), got {self.nullspace_threshold}")
         if self.layers is not None:
-            self.layers = sorted({int(l) for l in self.layers})
+            self.layers = sorted({int(layer) for layer in self.layers})
             if not self.layers:
                 raise ValueError("layers must name at least one layer")
         if not self.token.strip():
@@ -109,17 +127,17 @@ def first_token_rate(model: nn.Module, fmt: ChatFormat, questions: Sequence[str]
     return hits / len(questions)
 
 
-def edited_share(model: nn.Module, layers: Sequence[int], token_rows: int) -> dict[str, float | int]:
+def edited_share(model: PreTrainedModel, layers: Sequence[int], token_rows: int) -> dict[str, float | int]:
     """Edited entries (whole ``down_proj`` matrices of the edited layers plus the token's rows)
     over all parameters (tied matrices counted once)."""
     total = sum(p.numel() for p in model.parameters())
-    edit = sum(down_proj(model, l).weight.numel() for l in layers)
-    token = token_rows * model.get_input_embeddings().weight.shape[1]
+    edit = sum(down_proj(model, layer).weight.numel() for layer in layers)
+    token = token_rows * input_matrix(model).shape[1]
     return {"total_params": total, "edit_params": edit, "token_params": token,
             "edited_share": (edit + token) / total}
 
 
-def apply_unierase(model: nn.Module, tokenizer, forget: QADataset, retain: QADataset | None,
+def apply_unierase(model: PreTrainedModel, tokenizer, forget: QADataset, retain: QADataset | None,
                    options: UniEraseOptions | None = None, *, fmt: ChatFormat | None = None,
                    general: QADataset | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run both stages on ``model`` and ``tokenizer`` in place; returns the statistics.
@@ -161,7 +179,7 @@ def apply_unierase(model: nn.Module, tokenizer, forget: QADataset, retain: QADat
     return stats
 
 
-def _stage1(model: nn.Module, tokenizer, fmt: ChatFormat, forget: QADataset, retain: QADataset | None,
+def _stage1(model: PreTrainedModel, tokenizer, fmt: ChatFormat, forget: QADataset, retain: QADataset | None,
             opts: UniEraseOptions, stats: dict[str, Any], say: Callable[[str], None]) -> int:
     """Add and train the unlearning token (kept as is when the tokenizer already has it)."""
     token_id, added = add_unlearn_token(model, tokenizer, opts.token, opts.token_init)
@@ -191,8 +209,8 @@ def _stage2(model: nn.Module, fmt: ChatFormat, forget: QADataset, preserved: lis
         refusals = ([(e.input_ids, e.answer_start - 1) for e in refusal_examples(fmt, forget, token_id)]
                     if opts.preserve_refusals else [])
         covs = key_second_moment(model, preserved_batches(fmt, preserved, refusals, opts.batch_size), layers)
-        projectors = {l: nullspace_projector(c, opts.nullspace_threshold) for l, c in covs.items()}
-        stats["null_space_dims"] = {str(l): int(round(float(p.trace()))) for l, p in projectors.items()}
+        projectors = {layer: nullspace_projector(c, opts.nullspace_threshold) for layer, c in covs.items()}
+        stats["null_space_dims"] = {str(layer): int(round(float(p.trace()))) for layer, p in projectors.items()}
         say(f"stage 2: null-space dimensions {stats['null_space_dims']} of {covs[layers[0]].shape[0]}")
     prior: dict[int, torch.Tensor] = {}
     questions = [fmt.prompt_ids(ex.question) for ds in preserved for ex in ds.examples]
@@ -234,11 +252,13 @@ class UniErase:
 
     def apply(self, model: nn.Module, tokenizer, forget: QADataset, retain: QADataset | None, fmt: ChatFormat, *,
               general: QADataset | None = None, log: Callable[[str], None] | None = None) -> ProcedureResult:
-        stats = apply_unierase(model, tokenizer, forget, retain, self.options, fmt=fmt, general=general, log=log)
+        # A Procedure receives any module; UniErase needs a Hugging Face causal LM's embedding API.
+        hf_model = cast("PreTrainedModel", model)
+        stats = apply_unierase(hf_model, tokenizer, forget, retain, self.options, fmt=fmt, general=general, log=log)
         return ProcedureResult(model, tokenizer, stats)
 
 
-def unierase(model: nn.Module, tokenizer, forget: QADataset, retain: QADataset | None, out: str | Path,
+def unierase(model: PreTrainedModel, tokenizer, forget: QADataset, retain: QADataset | None, out: str | Path,
              options: UniEraseOptions | dict | None = None, *, fmt: ChatFormat | None = None,
              general: QADataset | None = None, log: Callable[[str], None] | None = None) -> Path:
     """UniErase ``forget`` from ``model`` (edited in place) and write the result to ``out``: a

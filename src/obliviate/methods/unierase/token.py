@@ -15,7 +15,7 @@ and the end-of-turn only (refusals from ``obliviate.data.refusal``, one per forg
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, cast
 
 import torch
 from torch import nn
@@ -25,16 +25,29 @@ from obliviate.data.qa import DataError, QADataset
 from obliviate.data.refusal import refusal_for
 from obliviate.methods.common import per_sample_nll
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 UNLEARN_TOKEN = "<unlearn>"
 
 
-def token_matrices(model: nn.Module) -> list[nn.Parameter]:
+def _matrix(embedding: nn.Module) -> nn.Parameter:
+    # transformers types get_input/output_embeddings() as plain nn.Module; they are Embedding / Linear
+    return cast(nn.Parameter, embedding.weight)
+
+
+def input_matrix(model: PreTrainedModel) -> nn.Parameter:
+    """The input embedding matrix ``[vocabulary rows, hidden]``."""
+    return _matrix(model.get_input_embeddings())
+
+
+def token_matrices(model: PreTrainedModel) -> list[nn.Parameter]:
     """The input embedding matrix, plus the output matrix when it is a separate tensor (untied)."""
-    inp = model.get_input_embeddings().weight
+    inp = input_matrix(model)
     out = model.get_output_embeddings()
-    if out is None or out.weight is inp:
+    if out is None or _matrix(out) is inp:
         return [inp]
-    return [inp, out.weight]
+    return [inp, _matrix(out)]
 
 
 def _init_row(weight: torch.Tensor, token_id: int, init: str, tokenizer) -> torch.Tensor:
@@ -48,7 +61,8 @@ def _init_row(weight: torch.Tensor, token_id: int, init: str, tokenizer) -> torc
 
 
 @torch.no_grad()
-def add_unlearn_token(model: nn.Module, tokenizer, token: str = UNLEARN_TOKEN, init: str = "mean") -> tuple[int, bool]:
+def add_unlearn_token(model: PreTrainedModel, tokenizer, token: str = UNLEARN_TOKEN,
+                      init: str = "mean") -> tuple[int, bool]:
     """Add ``token`` as a special token, grow the embeddings if needed and initialise its row(s).
 
     Returns ``(token id, added)``. A tokenizer that already has the token (a model UniErase edited
@@ -57,13 +71,13 @@ def add_unlearn_token(model: nn.Module, tokenizer, token: str = UNLEARN_TOKEN, i
     vocab = tokenizer.get_vocab()
     if token in vocab:
         token_id = vocab[token]
-        if token_id >= model.get_input_embeddings().weight.shape[0]:
+        if token_id >= input_matrix(model).shape[0]:
             raise ValueError(f"the tokenizer has {token} (id {token_id}) but the model's embeddings have only "
-                             f"{model.get_input_embeddings().weight.shape[0]} rows")
+                             f"{input_matrix(model).shape[0]} rows")
         return token_id, False
     tokenizer.add_special_tokens({"extra_special_tokens": [token]}, replace_extra_special_tokens=False)
     token_id = tokenizer.convert_tokens_to_ids(token)
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = input_matrix(model).shape[0]
     if token_id >= rows:  # models with padded vocabularies already have spare rows
         model.resize_token_embeddings(token_id + 1, mean_resizing=False)
     for weight in token_matrices(model):
@@ -104,7 +118,7 @@ def _row_mask(weight: torch.Tensor, row: int) -> torch.Tensor:
     return mask
 
 
-def train_unlearn_token(model: nn.Module, fmt: ChatFormat, forget: QADataset, token_id: int, steps: int = 100,
+def train_unlearn_token(model: PreTrainedModel, fmt: ChatFormat, forget: QADataset, token_id: int, steps: int = 100,
                         lr: float = 1e-2, batch_size: int = 8, seed: int = 0, retain: QADataset | None = None,
                         progress: Callable[[int, float], None] | None = None) -> list[float]:
     """Train only the token's embedding row(s) so that ``prompt + <unlearn>`` continues with a refusal.
