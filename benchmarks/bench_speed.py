@@ -12,7 +12,8 @@ forget + retain) and ``evaluate`` (TOFU metrics on the evaluation sets). Each ru
   batched greedy generation).
 * ``naive``: a plain per-sample loop: batch size 1, rows in file order (no length grouping), for
   methods with a reference a live reference model that recomputes the reference log-probs at every
-  step, and evaluation one pair and one question at a time. Same losses (the same method objects), same data, same optimiser.
+  step, and evaluation one pair and one question at a time. Same losses (the same method objects),
+  same data, same optimiser.
 * ``floor``: the hardware floor on the same rows and the same model, with no obliviate machinery:
   plain PyTorch/transformers ``model(input_ids, attention_mask, labels).loss.backward()`` + AdamW
   step at full batches (``--batch-size`` rows sorted by length, so padding is minimal), one pass

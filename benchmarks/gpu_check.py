@@ -31,6 +31,7 @@ the same two probes at a few layers and a small width: proves the script works e
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import shutil
@@ -138,7 +139,7 @@ def attn_of(model) -> str | None:
 # stages: finetune -> NPO -> evaluate
 
 def load_for_stage(spec: str, args, device: torch.device):
-    model = load_model(spec, dtype=args.dtype, device=device, attn_implementation=args.attn)
+    model = load_model(spec, dtype=args.dtype, device=device, attn_implementation=args.attn or "sdpa")
     if args.attn and attn_of(model) != args.attn:  # load_model falls back when an attention kind is unavailable
         raise RuntimeError(f"--attn {args.attn} is not available here (the model loaded with {attn_of(model)})")
     if args.compile:
@@ -170,7 +171,9 @@ def train_stage(name: str, spec: str, out: Path, args, data, device: torch.devic
                   loop_seconds=round(result.seconds, 3), tokens_per_second=round(result.tokens / wall, 2),
                   loop_tokens_per_second=round(result.tokens_per_second, 2),
                   mfu=round(6 * params * result.tokens / wall / peak, 5) if peak else None,
-                  last_loss=result.last_loss, attn_implementation=attn_of(model), checkpoint=str(out))
+                  loop_mfu=round(6 * params * result.tokens_per_second / peak, 5) if peak else None,
+                  last_loss=result.last_loss, attn_implementation=attn_of(model),
+                  checkpoint=str(out) if args.work_dir else None)
     return record
 
 
@@ -204,13 +207,16 @@ def run_stages(args, spec: str, work: Path, device: torch.device, peak: float | 
     report["data"]["setup_seconds"] = round(time.perf_counter() - t0, 3)  # data + parameter count
     save()
     stages = report["stages"]
+    free(device)
     stages["finetune"] = train_stage("finetune", spec, work / "target", args, data, device, params, peak)
     print(_line("finetune", stages["finetune"]), flush=True)
     save()
+    free(device)
     stages["unlearn"] = train_stage("unlearn", str(work / "target"), work / "unlearned", args, data, device,
                                     params, peak)
     print(_line("unlearn", stages["unlearn"]), flush=True)
     save()
+    free(device)
     stages["evaluate"] = eval_stage(str(work / "unlearned"), args, data, device, params, peak)
     print(_line("evaluate", stages["evaluate"]), flush=True)
 
@@ -231,7 +237,7 @@ def llama_from_config(shape: dict, attn: str | None, device: torch.device, meta:
     if meta:
         model.to_empty(device=device)
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.dim() == 1:
                     p.fill_(1.0)  # RMSNorm weights
                 else:
@@ -301,8 +307,14 @@ def run_mfu_probe(args, device: torch.device, peak: float | None) -> dict:
                   forward_tokens_per_second=round(tokens / fwd_seconds, 2),
                   forward_mfu=round(2 * n_mm * tokens / fwd_seconds / peak, 5) if peak else None,
                   loss=round(float(loss.detach()), 5))
-    del model, optimizer
     return record
+
+
+def free(device: torch.device) -> None:
+    """Drop what the previous part left (models hold reference cycles), so each part's peak is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_lora_probe(args, device: torch.device) -> dict:
@@ -371,7 +383,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", help="weights' dtype for the stages (bf16 comes from autocast)")
     p.add_argument("--mixed-precision", default=None, help="no | bf16 (default bf16 on GPU, no on CPU)")
     p.add_argument("--attn", default=None, help="sdpa | flash_attention_2 | eager (default: obliviate's, sdpa); "
-                   "refused when the installed transformers cannot provide it")
+                   "refused when the installed transformers cannot provide it; flash_attention_2 wants "
+                   "--dtype bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (stages and MFU probe)")
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
     p.add_argument("--peak-flops", type=float, default=None, help="the device's dense bf16 peak FLOP/s for MFU "
@@ -427,14 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads or 1)
     elif args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     peak = peak_flops(device, args.peak_flops)
     out = Path(args.out) if args.out else RESULTS / f"gpu-check-{'smoke' if args.smoke else device.type}.json"
     started = time.perf_counter()
     report: dict = {"name": out.stem, "smoke": args.smoke, "device": device_info(device, peak, args.peak_flops),
-                    "options": {k: v for k, v in vars(args).items()}, "stages": {}, "probes": {}, "errors": {},
+                    "options": dict(vars(args)), "model": None, "data": None, "stages": {}, "probes": {}, "errors": {},
                     "environment": environment(args.seed)}
 
     def save() -> None:
@@ -450,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
              "lora": lambda: report["probes"].__setitem__("lora_8b", run_lora_probe(args, device))}
     try:
         for part in args.parts:
+            free(device)
             t0 = time.perf_counter()
             try:
                 parts[part]()

@@ -222,6 +222,7 @@ def test_api_unlearn_with_guard(model_dir, tmp_path):
     assert len(saved["weights"]) == len(FORGET) and math.isclose(sum(saved["weights"]), len(FORGET), rel_tol=1e-5)
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "guard:" in config and "weights_file: guard_weights.json" in config
+    assert "model_sha256: " in config and "model_sha256: null" not in config  # kept when attribution rewrites it
     # with WAGLE too: both files in the run
     api.unlearn(model_dir, FORGET, RETAIN, tmp_path / "both", method="graddiff", train=cfg, guard={"tau": 0.5},
                 wagle={"rho": 0.1}, progress=False)

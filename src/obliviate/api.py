@@ -62,8 +62,7 @@ def finetune(model: str, data: DataSpec, out: str | Path, train: TrainConfig | d
     ds = as_dataset(data, skip_bad)  # bad data fails before any run directory is made
     config = {"command": "finetune", "model": str(model), "data": ds.source, "dtype": dtype,
               "system_prompt": system_prompt, "max_length": max_length, "train": train.to_dict()}
-    run, data_prints = _open_run(out, config, {"train": ds}, overwrite=overwrite, resume=resume,
-                                 inputs=(model, data))
+    run, config = _open_run(out, config, {"train": ds}, overwrite=overwrite, resume=resume, inputs=(model, data))
     if run.status() == "done":
         return run.file("model")
     with run.running("finetune", resume=resume):
@@ -115,8 +114,8 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
               **({"general": datasets["general"].source} if general is not None else {}),
               **({} if procedure else {"train": train.to_dict()}),
               **_attribution_options(wagle, guard), **(extra_config or {})}
-    run, _ = _open_run(out, config, datasets, overwrite=overwrite, resume=resume,
-                       inputs=(model, forget, retain, general))
+    run, config = _open_run(out, config, datasets, overwrite=overwrite, resume=resume,
+                            inputs=(model, forget, retain, general))
     if run.status() == "done":
         return run.file("model")
     forget_ds, retain_ds = datasets["forget"], datasets.get("retain")
@@ -209,7 +208,8 @@ class ScoredEvaluation:
 def _open_run(out: str | Path, config: dict[str, Any], datasets: dict[str, QADataset], *, overwrite: bool,
               resume: bool, inputs: tuple) -> tuple[RunDir, dict[str, Any]]:
     """Open the run with the fingerprint of its model, data and options; write its config and data
-    fingerprints (a resumed run already has the same ones)."""
+    fingerprints (a resumed run already has the same ones). Returns the run and the config as written
+    (with the model's sha256)."""
     config = {**config, "model_sha256": model_sha256(config["model"])}
     data = {role: dataset_fingerprint(ds) for role, ds in datasets.items()}
     run = RunDir.open(out, kind=config["command"], fingerprint={"config": config, "data": data},
@@ -217,7 +217,7 @@ def _open_run(out: str | Path, config: dict[str, Any], datasets: dict[str, QADat
     if run.status() != "done":
         run.write_config(config, seed=config.get("train", {}).get("seed"))
         run.write_json("data.json", data)
-    return run, data
+    return run, config
 
 
 def _attribution_options(wagle, guard) -> dict[str, Any]:

@@ -8,9 +8,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 
 from obliviate import api
+from obliviate.bench import BenchConfig, leaderboard_markdown, run_bench
+from obliviate.cli import attacks, attribution, unierase
 from obliviate.cli.attribution import (
     GuardBatchSizeOpt,
     GuardParamsOpt,
@@ -30,6 +33,7 @@ from obliviate.cli.attribution import (
     unlearn_attribution_kwargs,
 )
 from obliviate.cli.errors import user_errors
+from obliviate.cli.evidence import certify, report, runs_app, verify
 from obliviate.cli.options import (
     apply_config,
     check_finite_options,
@@ -39,8 +43,11 @@ from obliviate.cli.options import (
     with_train_options,
 )
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
+from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
+from obliviate.evaluation.evaluate import summary_row
+from obliviate.methods.registry import list_methods, method_options
 from obliviate.models.loading import DEFAULT_MODEL, check_model_spec
-from obliviate.pipeline import summary_table
+from obliviate.pipeline import PipelineConfig, run_pipeline, summary_table
 from obliviate.training import presets
 from obliviate.training.config import TrainConfig
 
@@ -162,8 +169,6 @@ def evaluate(
     trust_remote_code: RemoteCode = False, no_progress: NoProgress = False,
 ) -> None:
     """TOFU metrics (probability, ROUGE-L, truth ratio, forget quality, model utility), per sample."""
-    from obliviate.evaluation.evaluate import summary_row
-
     result = api.evaluate(model, benchmark, out, label=label, forget_split=forget_split, oracle_eval=oracle_eval,
                           batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype,
                           system_prompt=system_prompt or None, max_length=max_length,
@@ -176,8 +181,6 @@ def evaluate(
 @user_errors
 def methods() -> None:
     """List the unlearning methods and their options."""
-    from obliviate.methods.registry import list_methods, method_options
-
     for name, description in list_methods().items():
         console.print(f"[bold]{name}[/bold]: {description}")
         opts = method_options(name)
@@ -197,8 +200,6 @@ def synth(
     overwrite: Overwrite = False,
 ) -> None:
     """Write the built-in synthetic benchmark of fictitious entities (TOFU-like splits, ID/OOD forget sets)."""
-    from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
-
     overrides = {k: v for k, v in dict(n_entities=n_entities, facts_per_entity=facts_per_entity,
                                        forget_fraction=forget_fraction).items() if v is not None}
     cfg = SyntheticConfig.preset(preset, seed=seed, **overrides)
@@ -240,9 +241,6 @@ def demo(
     Defaults finish in minutes on a 2-core CPU with the embedded SmolLM2-135M-Instruct; raise the sizes
     (e.g. --n-entities 200 --facts-per-entity 20) on a GPU, or pass --benchmark with a TOFU directory.
     """
-    from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
-    from obliviate.pipeline import PipelineConfig, run_pipeline
-
     pcfg = PipelineConfig(model=model, method=method,
                           method_options=check_finite_options(parse_method_options(method_option), "method option"),
                           finetune={**presets.DEMO_FINETUNE, "epochs": finetune_epochs, "lr": finetune_lr,
@@ -274,10 +272,6 @@ def bench(
     overwrite: Overwrite = False, no_progress: NoProgress = False,
 ) -> None:
     """Methods x forget splits x seeds on one benchmark, reusing target and oracle; leaderboard and report."""
-    from rich.markdown import Markdown
-
-    from obliviate.bench import BenchConfig, leaderboard_markdown, run_bench
-
     board = run_bench(BenchConfig.from_yaml(config), out, overwrite=overwrite, progress=not no_progress,
                       echo=console.print)
     console.print(Markdown(leaderboard_markdown(board)))
@@ -300,9 +294,7 @@ def _print_result(result: dict[str, Any], out: Path) -> None:
 
 
 def _register_commands() -> None:
-    from obliviate.cli import attacks, attribution, unierase
-    from obliviate.cli.evidence import certify, report, runs_app, verify
-
+    """The commands that live in their own modules (evidence, attribution, attacks, UniErase)."""
     app.command()(report)
     app.command()(certify)
     app.command()(verify)

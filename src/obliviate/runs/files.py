@@ -3,6 +3,7 @@ reading, and the environment a run records."""
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -10,8 +11,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def _umask() -> int:
@@ -51,9 +55,7 @@ def json_default(obj: Any):
         return str(obj)
     if hasattr(obj, "tolist"):
         return obj.tolist()
-    if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-
+    if is_dataclass(obj) and not isinstance(obj, type):
         return asdict(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
@@ -72,8 +74,6 @@ def git_commit() -> str | None:
 
 
 def environment(seed: int | None = None) -> dict[str, Any]:
-    import importlib.metadata as md
-
     versions: dict[str, str | None] = {}
     for name in ("obliviate", "torch", "transformers", "accelerate", "peft", "safetensors", "numpy", "scipy"):
         try:
@@ -89,12 +89,7 @@ def environment(seed: int | None = None) -> dict[str, Any]:
         "argv": sys.argv,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    try:
-        import torch
-
-        env["cuda"] = torch.cuda.is_available()
-        env["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()
-        env["torch_threads"] = torch.get_num_threads()
-    except Exception:  # pragma: no cover
-        pass
+    env["cuda"] = torch.cuda.is_available()
+    env["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()
+    env["torch_threads"] = torch.get_num_threads()
     return env
