@@ -170,3 +170,12 @@ def test_corrupt_registry_is_one_line_and_never_costs_a_run(tmp_path, tiny_model
                                   str(tmp_path / "run"), "--epochs", "1", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "done"
+
+
+def test_one_device_choice():
+    """Every layer takes its device from processes().device (this process's accelerator under accelerate
+    launch); a hand-written "cuda if available" would put every process on cuda:0."""
+    src = Path(__file__).resolve().parents[1] / "src" / "obliviate"
+    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
+                 if p.name != "processes.py" and '"cuda" if torch.cuda.is_available()' in p.read_text()]
+    assert offenders == []
