@@ -20,12 +20,16 @@ from rich.table import Table
 
 from obliviate.cli.errors import user_errors
 from obliviate.errors import UserError
-from obliviate.reporting import audit  # a module: its certify and verify share names with the commands here
+from obliviate.reporting import (
+    audit,  # a module: its certify and verify share names with the commands here
+    signing,
+)
 from obliviate.reporting.model_card import model_card_info, write_model_card
 from obliviate.reporting.registry import leaderboard
 from obliviate.reporting.report import write_report
 from obliviate.reporting.tables import format_number
-from obliviate.runs.registry import Registry, unlearn_run_dir
+from obliviate.runs import safe_name
+from obliviate.runs.registry import Registry, read_json_file, unlearn_run_dir
 
 runs_app = typer.Typer(help="The run registry: list, inspect, compare and rank runs.", no_args_is_help=True)
 
@@ -221,16 +225,22 @@ def certify(
         "--model-card/--no-model-card",
         help="Also write README.md (a model card with the record's hash) into the unlearned checkpoint.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 unless the verdict is pass.")] = False,
+    sign_key: Annotated[Optional[Path], typer.Option(
+        "--sign-key", help="Sign the record with this Ed25519 private key (PEM; `obliviate keygen` writes one), "
+        "so that `verify --public-key` proves who certified it.", exists=True, dir_okay=False)] = None,
 ) -> None:
     """Write a hash-chained audit record of a deletion: fingerprints, configs, code version, metrics
-    and a verdict per threshold."""
+    and a verdict per threshold; optionally signed (Ed25519)."""
     if (mia_auc_min is None) != (mia_auc_max is None):
         raise UserError("give both --mia-auc-min and --mia-auc-max, or neither")
     mia_auc_range = (mia_auc_min, mia_auc_max) if mia_auc_min is not None and mia_auc_max is not None else None
     thresholds = audit.Thresholds(min_forget_quality=min_forget_quality, mia_auc_range=mia_auc_range,
                                   max_abs_privleak=max_abs_privleak, max_relearn_recovery=max_relearn_recovery,
                                   max_utility_drop=max_utility_drop, label=label, mia_key=mia_key)
+    key = signing.load_private_key(sign_key) if sign_key is not None else None  # a bad key fails before writing
     record = audit.certify(run, thresholds)
+    if key is not None:
+        record = signing.sign(record, key)
     json_path, html_path = audit.write_record(record, out or run / "audit.json")
     console = _console()
     table = _table(None, ["criterion", "value", "threshold", "verdict"])
@@ -239,7 +249,8 @@ def certify(
             table.add_row(e["name"], format_number(e["value"]), f"{e['op']} {_threshold(e['threshold'])}", e["verdict"])
     console.print(table)
     verdict = audit.record_verdict(record)
-    console.print(f"verdict: {verdict}\nrecord: {json_path}\npage: {html_path}\nhead: {record['head']}")
+    console.print(f"verdict: {verdict}\nrecord: {json_path}\npage: {html_path}\nhead: {record['head']}"
+                  + ("\nsigned: ed25519" if key is not None else ""))
     if model_card:
         card = write_model_card(unlearn_run_dir(run) / "model", model_card_info(run, record, json_path))
         console.print(f"model card: {card}")
@@ -260,17 +271,38 @@ def verify(
         help="The head hash kept elsewhere (model card, ticket); the record must end with it.")] = None,
     rehash: Annotated[bool, typer.Option(
         "--rehash/--no-rehash", help="Re-hash the models and data files the record names.")] = True,
+    public_key: Annotated[Optional[Path], typer.Option(
+        "--public-key", help="Require a valid Ed25519 signature by this public key (PEM).", exists=True,
+        dir_okay=False)] = None,
 ) -> None:
     """Check an audit record: hash chain, verdicts, and (by default) that the named files are unchanged.
 
     Exit code 1 when the record fails a check; 2 when the file is not a well-formed record."""
+    key = signing.load_public_key(public_key) if public_key is not None else None
     problems = audit.verify(record, expected_head=expected_head, rehash=rehash)
+    content = read_json_file(record, required=True)  # audit.verify checked it is a well-formed record
+    signed = "signature" in content
+    if key is not None:
+        problems += signing.signature_problems(content, key)
     console = _console()
     if problems:
         for p in problems:
             console.print(f"FAIL {p}", markup=False)
         raise typer.Exit(1)
-    console.print(f"OK {record}: chain intact" + (", files unchanged" if rehash else ""))
+    console.print(f"OK {record}: chain intact" + (", files unchanged" if rehash else "")
+                  + (", signed by the given key" if key is not None else
+                     " (signed; give --public-key to check the signature)" if signed else ""))
 
 
-__all__ = ["runs_app", "report", "certify", "verify"]
+@user_errors
+def keygen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for NAME.key (private, mode 0600) and NAME.pub.")],
+    name: Annotated[str, typer.Option(help="File name stem of the key pair.")] = "audit",
+) -> None:
+    """Write a new Ed25519 key pair for signing audit records (`certify --sign-key NAME.key`); give
+    NAME.pub to whoever checks them (`verify --public-key NAME.pub`)."""
+    private, public = signing.write_key_pair(out, safe_name(name, "--name"))
+    _console().print(f"private key: {private}\npublic key: {public}")
+
+
+__all__ = ["runs_app", "report", "certify", "verify", "keygen"]

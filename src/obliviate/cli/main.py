@@ -33,7 +33,7 @@ from obliviate.cli.attribution import (
     unlearn_attribution_kwargs,
 )
 from obliviate.cli.errors import user_errors
-from obliviate.cli.evidence import certify, report, runs_app, verify
+from obliviate.cli.evidence import certify, keygen, report, runs_app, verify
 from obliviate.cli.options import (
     apply_config,
     check_finite_options,
@@ -298,6 +298,7 @@ def _register_commands() -> None:
     app.command()(report)
     app.command()(certify)
     app.command()(verify)
+    app.command()(keygen)
     app.add_typer(runs_app, name="runs")
     attribution.register(app)
     attacks.register(app)
