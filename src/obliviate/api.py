@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from obliviate.attribution import parse_guard, parse_wagle, prepare_attribution
+from obliviate.attribution import jsonable_options, parse_guard, parse_wagle, prepare_attribution
 from obliviate.data.benchmark import load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.qa import QADataset
@@ -228,7 +228,7 @@ def _attribution_options(wagle, guard) -> dict[str, Any]:
         if isinstance(spec, Path):
             out[key] = {"file": str(spec), "sha256": sha256_path(spec)}
         elif spec is not None:
-            out[key] = {k: ("inf" if isinstance(v, float) and v == float("inf") else v) for k, v in vars(spec).items()}
+            out[key] = jsonable_options(vars(spec))
     return out
 
 

@@ -16,7 +16,6 @@ report, registry and audit commands work on it. Finished cells are skipped on re
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,10 @@ from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_
 from obliviate.methods import build_method
 from obliviate.models.loading import DEFAULT_MODEL
 from obliviate.pipeline import PipelineConfig, run_pipeline
-from obliviate.reporting.ranking import rank
+from obliviate.reporting.ranking import number_or_none, rank
 from obliviate.reporting.report import write_report
 from obliviate.reporting.tables import SUMMARY, format_number, markdown_table
-from obliviate.runs import RunDir, atomic_write_text
+from obliviate.runs import RunDir, atomic_write_text, plain_name
 
 
 @dataclass
@@ -54,7 +53,7 @@ class MethodSpec:
             if opts is not None:
                 label += f"+{part}" + "".join(f"-{k}{v}" for k, v in sorted(opts.items()))
         # The label names the cell's directory: option values (a mask path, say) must not leave it.
-        return re.sub(r"[^A-Za-z0-9_.+=-]", "_", label).lstrip(".")
+        return plain_name(label)
 
 
 @dataclass
@@ -171,10 +170,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, overwrite: bool = False, pro
     return board
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) else None
-
-
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -193,7 +188,7 @@ def leaderboard(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "forgotten": sum(bool(c["forgotten"]) for c in cs),
              "utility_kept": sum(bool(c["utility_kept"]) for c in cs)}
             for m, cs in by_method.items()]
-    ranked = rank(rows, lambda r: _number(r["forget_quality"]), lambda r: _number(r["model_utility"]))
+    ranked = rank(rows, lambda r: number_or_none(r["forget_quality"]), lambda r: number_or_none(r["model_utility"]))
     return [{**r.item, "rank": r.rank, "front": r.front} for r in ranked]
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "WagleConfig", "WagleMask", "compute_wagle_mask", "wagle_scores", "select_top", "mask_report", "module_type",
     "save_mask", "load_mask", "check_masks", "GuardConfig", "GuardResult", "compute_guard", "guard_attributions",
     "guard_weights", "save_guard", "load_guard_weights", "parse_wagle", "parse_guard", "prepare_attribution",
+    "jsonable_options",
 ]
 
 WAGLE_FILE = "wagle_mask.safetensors"
@@ -124,7 +125,7 @@ def prepare_attribution(run, model: torch.nn.Module, fmt, method: Composite, for
             if run.writer:  # one process writes; every process computed the same weights
                 save_guard(run.file(GUARD_FILE), result, forget)
             sample_weights = result.weights
-            config["guard"] = {**_jsonable(vars(guard)), "weights_file": GUARD_FILE}
+            config["guard"] = {**jsonable_options(vars(guard)), "weights_file": GUARD_FILE}
     if wagle is not None:
         if param_masks is not None:
             raise ValueError("give either param_masks or wagle, not both")
@@ -143,9 +144,10 @@ def prepare_attribution(run, model: torch.nn.Module, fmt, method: Composite, for
                 save_mask(run.file(WAGLE_FILE), mask, {"method": method.name})
             run.write_json(WAGLE_REPORT, mask.report)
             param_masks = mask.masks
-            config["wagle"] = {**_jsonable(vars(wagle)), "mask_file": WAGLE_FILE}
+            config["wagle"] = {**jsonable_options(vars(wagle)), "mask_file": WAGLE_FILE}
     return param_masks, sample_weights, config
 
 
-def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+def jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as JSON/YAML can hold them: an infinite value (GUARD's uniform ``tau``) as "inf"."""
     return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in options.items()}

@@ -17,15 +17,13 @@ import typer
 
 from obliviate.errors import UserError
 from obliviate.runs import RunInterrupted
-from obliviate.runs.registry import RegistryError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # ValueError covers DataError, OptionsError, RunFileError, AuditError, JSON and UTF-8 errors; the OS
-# errors are about paths the user gave; RegistryError is a registry the user can repair or move.
+# errors are about paths the user gave (a broken registry is a RegistryError, a UserError).
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, FileExistsError,
-                                                NotADirectoryError, IsADirectoryError, PermissionError,
-                                                RegistryError)
+                                                NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def error_line(exc: BaseException) -> str:

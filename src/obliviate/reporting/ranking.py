@@ -30,6 +30,13 @@ class Ranked(Generic[T]):
     item: T
 
 
+def number_or_none(value: Any) -> float | None:
+    """A metric as a number to rank by, or None (missing) for anything else, booleans and NaN included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
 def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] >= b[0] and a[1] >= b[1] and (a[0] > b[0] or a[1] > b[1])
 

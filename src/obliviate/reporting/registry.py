@@ -5,11 +5,9 @@ The registry itself (the SQLite store runs record themselves in) is ``obliviate.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
-from obliviate.reporting.ranking import rank
+from obliviate.reporting.ranking import number_or_none, rank
 from obliviate.runs.registry import Registry, RunRecord
 
 
@@ -48,18 +46,12 @@ def leaderboard(registry: Registry, benchmark: str | None = None, label: str = "
     return rank_rows(rows)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return None if math.isnan(value) else float(value)
-
-
 def _leader_row(rec: RunRecord, label: str) -> LeaderboardRow:
     row = rec.summary(label)
     return LeaderboardRow(rank=None, front=None, method=rec.method, run_id=rec.id,
-                          forget_quality=_number(row.get("forget_quality")),
-                          model_utility=_number(row.get("model_utility")),
-                          oracle_model_utility=_number(rec.summary("oracle").get("model_utility")),
+                          forget_quality=number_or_none(row.get("forget_quality")),
+                          model_utility=number_or_none(row.get("model_utility")),
+                          oracle_model_utility=number_or_none(rec.summary("oracle").get("model_utility")),
                           path=rec.path)
 
 

@@ -88,13 +88,17 @@ def dataset_fingerprint(ds: Any) -> dict[str, Any]:
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: obj} if prefix else {"": obj}
+    """Nested mappings -> ``{"a.b.c": leaf}`` (lists and empty mappings stay values)."""
+    if not isinstance(obj, dict):
+        return {prefix: obj} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -33,7 +33,7 @@ from platformdirs import user_data_dir
 
 from obliviate.errors import UserError
 from obliviate.runs.files import json_default
-from obliviate.runs.fingerprint import canonical_json, config_hash, model_fingerprint
+from obliviate.runs.fingerprint import canonical_json, config_hash, flatten, model_fingerprint
 
 # ----------------------------------------------------------------------------------------------
 # Reading the run-directory contract (config.yaml, status.json, metrics.json, data.json, ...)
@@ -523,26 +523,14 @@ class Registry:
     def compare(self, ids: Sequence[str]) -> Comparison:
         """Metrics (every ``label.key`` any run has) and differing config entries, run by run."""
         runs = [self.get_run(i) for i in ids]
-        flat = [_flatten(((r.metrics or {}).get("models") or {})) for r in runs]
+        flat = [flatten(((r.metrics or {}).get("models") or {})) for r in runs]
         metrics = {k: [f.get(k) for f in flat] for k in sorted(set().union(*flat))} if flat else {}
-        configs = [_flatten(r.config or {}) for r in runs]
+        configs = [flatten(r.config or {}) for r in runs]
         keys = sorted(set().union(*configs)) if configs else []
         diff = {k: [c.get(k) for c in configs] for k in keys if len({canonical_json(c.get(k)) for c in configs}) > 1}
         return Comparison(runs=runs, metrics=metrics, config_diff=diff)
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> {"a.b.c": leaf}."""
-    if not isinstance(obj, dict):
-        return {prefix: obj} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, name))
-        else:
-            out[name] = value
-    return out
 
 
 

@@ -43,7 +43,8 @@ RUN_ENTRIES = frozenset({
     "bench.yaml", "leaderboard.json", "leaderboard.md", "cells", "evals", "benchmark", "id_ood.json", "id_ood.csv",
     "id_ood_examples.csv", "audit.json", "audit.html",
 })
-_SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
+_NAME_CHARS = "A-Za-z0-9_.+=-"
+_SAFE = re.compile(rf"^[A-Za-z0-9_][{_NAME_CHARS}]*$")
 
 
 class RunError(UserError):
@@ -69,6 +70,12 @@ def safe_name(name: str, what: str = "name") -> str:
         raise RunError(f"{what} {name!r} is not a plain name: use letters, digits, '_', '-', '.', '+', '=' "
                        "(it becomes a file name inside the run directory)")
     return name
+
+
+def plain_name(text: str) -> str:
+    """``text`` made a plain name where it can be: characters outside a name's become ``_`` and leading
+    dots go (for names built from option values, such as bench cell labels)."""
+    return re.sub(rf"[^{_NAME_CHARS}]", "_", text).lstrip(".")
 
 
 def input_paths(specs: Iterable[Any]) -> list[Path]:
