@@ -3,6 +3,7 @@
     python benchmarks/bench_speed.py                          # tiny random model, synthetic data, CPU: ~1 min
     python benchmarks/bench_speed.py --model smollm2-135m --entities 4 --facts 2 --max-new-tokens 8
     python benchmarks/bench_speed.py --model smollm2-135m --tofu ../shared/benchmarks/tofu --name tofu-h100
+    python benchmarks/bench_speed.py --preset issue12-eval        # the issue-12 evaluation, one stage (below)
 
 Stages: ``sft`` (finetune on the train split), one per unlearning method (``npo``, ``graddiff``, ...:
 forget + retain) and ``evaluate`` (TOFU metrics on the evaluation sets). Each runs in up to three modes:
@@ -35,6 +36,16 @@ naive stages can be capped to fewer rows (``--naive-rows``): throughputs are com
 
     python benchmarks/bench_speed.py --modes fast,floor       # fraction of the floor only
 
+The ``evaluate`` stage records its numbers too (per set: probability, truth ratio, ROUGE-L recall;
+model utility). ``--preset issue12-eval`` is the evaluation issue 12 times: the base SmolLM2-135M-
+Instruct on the first 40 / 100 / 50 / 50 rows of forget01_perturbed / retain_perturbed /
+real_authors_perturbed / world_facts_perturbed (``--tofu``, default ../shared/benchmarks/tofu), 200
+new tokens, batch 32, the ``fast`` mode only, at torch's default thread count (as ``obliviate
+evaluate`` runs); the stage's record then also holds ``reference_check``: each number against the
+field's reference framework's (tests/test_reference_numbers.py), with the largest difference and
+whether all are within 1e-3 (+ half a unit of the reference's last digit). Explicit flags beat the
+preset's.
+
 Writes ``benchmarks/results/<name>.json`` atomically, with ``obliviate.runs.environment()``.
 """
 
@@ -56,7 +67,7 @@ import torch
 from obliviate.data.batches import collate, encode_views, to_device
 from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import QADataset
-from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model
+from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model, summary_row
 from obliviate.methods import StepInputs, build_method, reference_logps
 from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.runs import atomic_write_json, environment
@@ -64,6 +75,25 @@ from obliviate.training.config import TrainConfig
 from obliviate.training.loop import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TOFU = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "tofu"
+
+# --preset issue12-eval: the options it sets (explicit flags win) and the reference framework's
+# numbers for that evaluation (issue 12; the same as tests/test_reference_numbers.py pins).
+PRESETS = {
+    "issue12-eval": {"model": "smollm2-135m", "tofu": str(TOFU), "forget_split": "forget01", "stages": "evaluate",
+                     "modes": "fast", "eval_rows": "forget=40,retain=100,real_authors=50,world_facts=50",
+                     "max_new_tokens": 200, "eval_batch_size": 32, "threads": 0, "name": "issue12-eval"},
+}
+REFERENCE = {
+    "issue12-eval": {
+        "forget_probability": 0.1376, "forget_truth_ratio": 0.7834, "forget_rouge": 0.4493,
+        "retain_probability": 0.1121, "retain_truth_ratio": 0.1929, "retain_rouge": 0.3798,
+        "real_authors_probability": 0.3475, "real_authors_truth_ratio": 0.4925, "real_authors_rouge": 0.51,
+        "world_facts_probability": 0.2546, "world_facts_truth_ratio": 0.3386, "world_facts_rouge": 0.5567,
+        "model_utility": 0.2788,
+    },
+}
+REFERENCE_TOLERANCE = 1e-3 + 5e-5  # the issue's 1e-3, plus half a unit of the reference's 4th decimal
 
 # Dense bf16 peak FLOP/s by device name (first match wins, so "H100 PCIe" precedes "H100").
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
@@ -106,7 +136,22 @@ def load_data(args) -> Data:
         data = Data(data.source + f" (first {args.rows} rows of each split)", data.train[:args.rows],
                     data.forget[:args.rows], data.retain[:args.rows],
                     {name: ds[:args.rows] for name, ds in data.eval_sets.items()})
+    if getattr(args, "eval_rows", None):  # gpu_check.py passes a Namespace without it
+        rows = eval_rows(args.eval_rows, data.eval_sets)
+        data.eval_sets = {name: ds[:rows[name]] for name, ds in data.eval_sets.items() if name in rows}
+        data.source += f" (evaluation: the first {', '.join(f'{n} of {name}' for name, n in rows.items())})"
     return data
+
+
+def eval_rows(spec: str, sets: dict[str, QADataset]) -> dict[str, int]:
+    """``forget=40,retain=100`` -> {set: rows}; only the sets named are evaluated."""
+    rows = {}
+    for part in spec.split(","):
+        name, _, n = part.partition("=")
+        if name.strip() not in sets or not n.strip().isdigit() or int(n) < 1:
+            raise SystemExit(f"--eval-rows: {part!r} is not SET=N with SET one of {', '.join(sets)} and N >= 1")
+        rows[name.strip()] = int(n)
+    return rows
 
 
 def model_dir(args, scratch: Path) -> str:
@@ -185,7 +230,7 @@ def eval_pairs(sets: dict[str, QADataset]) -> list[tuple[str, str]]:
 def eval_tokens(fmt: ChatFormat, sets: dict[str, QADataset], result: dict) -> int:
     """Non-padding tokens evaluation exists to process: every unique scored pair (as
     ``evaluate_model`` plans them), every unique question's prompt, every generated answer."""
-    scored = sum(len(fmt.encode(q, a, close=False)) for q, a in eval_pairs(sets))
+    scored = sum(len(fmt.encode_scored(q, a)) for q, a in eval_pairs(sets))
     answers = {q: g for s in result["sets"].values()
                for q, g in zip(s["per_sample"]["question"], s["per_sample"]["generation"])}
     prompts = sum(len(fmt.prompt_ids(q)) for q in answers)
@@ -308,7 +353,7 @@ def run_floor_stage(name: str, args, spec: str, tok, fmt: ChatFormat, data: Data
     model = load_model(spec, dtype=args.dtype, device=device)
     if name == "evaluate":
         sets = data.eval_sets
-        seqs = [(e.input_ids, e.labels) for e in (fmt.encode(q, a, close=False) for q, a in eval_pairs(sets))]
+        seqs = [(e.input_ids, e.labels) for e in (fmt.encode_scored(q, a) for q, a in eval_pairs(sets))]
         questions = {ex.question: ex.answer for ds in sets.values() for ex in ds.examples}
         seqs += [(fmt.prompt_ids(q) + fmt.answer_ids(a), []) for q, a in questions.items()]
         record = floor_forward(model, full_batches(seqs, args.eval_batch_size, pad_id), args.mixed_precision, device)
@@ -366,28 +411,52 @@ def run_eval_stage(mode: str, args, spec: str, tok, fmt: ChatFormat, data: Data,
                 if args.mixed_precision == "bf16" and device.type == "cuda" else nullcontext())
     with measured(device) as record, autocast:
         result = evaluate_model(model, tok, sets, fmt=fmt, batch_size=batch, max_new_tokens=args.max_new_tokens,
-                                progress=False)
+                                progress=False, length_budget=args.length_budget)
+    numbers = {k: v for k, v in summary_row(result).items() if v is not None}
     record.update(stage="evaluate", mode=mode, rows=sum(len(ds) for ds in sets.values()), steps=None,
-                  batch_size=batch, tokens=eval_tokens(fmt, sets, result))
+                  batch_size=batch, tokens=eval_tokens(fmt, sets, result), max_new_tokens=args.max_new_tokens,
+                  length_budget=args.length_budget, metrics=numbers)
+    reference = REFERENCE.get(args.preset or "")
+    if reference and mode == "fast":
+        record["reference_check"] = reference_check(numbers, reference)
     return record
 
 
+def reference_check(numbers: dict[str, float], reference: dict[str, float]) -> dict:
+    """Each reference number next to this run's, the largest difference, and whether all are within
+    the tolerance (a number the run lacks counts as a failure)."""
+    diffs = {k: (None if numbers.get(k) is None else round(abs(numbers[k] - ref), 6)) for k, ref in reference.items()}
+    known = [d for d in diffs.values() if d is not None]
+    return {"reference": reference, "abs_diff": diffs, "max_abs_diff": max(known) if known else None,
+            "tolerance": REFERENCE_TOLERANCE,
+            "within_tolerance": len(known) == len(diffs) and max(known) <= REFERENCE_TOLERANCE}
+
+
 def warm_up(spec: str, args, tok, fmt: ChatFormat, data: Data, device: torch.device) -> None:
-    """One short step of each kind, so one-time start-up costs land in no stage."""
+    """One short step of each kind the stages run, so one-time start-up costs land in no stage."""
     model = load_model(spec, dtype=args.dtype, device=device)
-    cfg = TrainConfig(max_steps=1, batch_size=2, mixed_precision=args.mixed_precision)
-    train(model, tok, build_method("sft"), data.train[:2], cfg, fmt=fmt, progress=False)
-    evaluate_model(model, tok, {"retain": data.eval_sets["retain"][:1]}, fmt=fmt, max_new_tokens=2, progress=False)
+    if any(s != "evaluate" for s in args.stages.split(",")):
+        cfg = TrainConfig(max_steps=1, batch_size=2, mixed_precision=args.mixed_precision)
+        train(model, tok, build_method("sft"), data.train[:2], cfg, fmt=fmt, progress=False)
+    name, ds = next(iter(data.eval_sets.items()))
+    evaluate_model(model, tok, {name: ds[:1]}, fmt=fmt, max_new_tokens=2, progress=False)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="issue12-eval: the issue-12 evaluation as one stage, checked against the reference numbers")
     p.add_argument("--model", default="tiny", help="'tiny' (random, built here), 'smollm2-135m', a directory or hub id")
     p.add_argument("--tofu", help="a TOFU directory (full.jsonl, forget10.jsonl, ...); default: synthetic data")
     p.add_argument("--forget-split", default="forget10")
     p.add_argument("--entities", type=int, default=40, help="synthetic: entities (full = entities x facts rows)")
     p.add_argument("--facts", type=int, default=4, help="synthetic: facts per entity")
     p.add_argument("--rows", type=int, default=0, help="keep only the first N rows of every split (0: all)")
+    p.add_argument("--eval-rows", default=None,
+                   help="evaluate only the sets named, on their first rows: forget=40,retain=100,...")
+    p.add_argument("--length-budget", type=float, default=None,
+                   help="evaluation: bound each set's generations to this factor times its longest answer "
+                        "(obliviate evaluate --length-budget); default: --max-new-tokens for every set")
     p.add_argument("--stages", default="sft,npo,graddiff,evaluate",
                    help="comma-separated: sft, evaluate, and unlearning method names")
     p.add_argument("--modes", default="fast,naive,floor",
@@ -403,18 +472,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default on CPU: 1; small matrices gain little from more, and on "
-                        "shared cores OpenMP threads spin-wait for each other)")
+                        "shared cores OpenMP threads spin-wait for each other; 0: torch's default)")
     p.add_argument("--peak-flops", type=float, default=None, help="override the device's peak FLOP/s for MFU")
     p.add_argument("--tiny-hidden", type=int, default=64)
     p.add_argument("--tiny-layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="results/<name>.json (default: from model and device)")
     p.add_argument("--out-dir", default=str(RESULTS))
+    if argv is None:
+        argv = sys.argv[1:]
     args = p.parse_args(argv)
+    if args.preset:  # the preset's values, except where a flag was given
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        for key, value in PRESETS[args.preset].items():
+            if "--" + key.replace("_", "-") not in given:
+                setattr(args, key, value)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.mixed_precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
-    threads = args.threads or (1 if device.type == "cpu" else None)
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)

@@ -51,7 +51,9 @@ def test_bad_options_and_data_are_clear_errors(tmp_path, tiny_model_dir):
 def test_demo_pipeline_end_to_end_resume_and_no_overwrite(tmp_path, tiny_model_dir):
     args = ["demo", "--model", tiny_model_dir, "--out", tmp_path / "demo", "--n-entities", 6,
             "--facts-per-entity", 3, "--forget-fraction", 0.34, "--finetune-epochs", 2, "--finetune-lr", 3e-3,
-            "--unlearn-epochs", 2, "--unlearn-lr", 1e-3, "--max-new-tokens", 8, "--eval-every", 1, "--no-progress"]
+            "--unlearn-epochs", 2, "--unlearn-lr", 1e-3, "--max-new-tokens", 8, "--eval-every", 1, "--no-progress",
+            # A fixed-length run, so the trajectory has its points (calibrated stopping: test_stopping.py).
+            "--no-calibrate"]
     res = run(*args)
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
@@ -68,7 +70,9 @@ def test_demo_pipeline_end_to_end_resume_and_no_overwrite(tmp_path, tiny_model_d
         ev = json.loads((tmp_path / "demo" / "eval" / f"{label}.json").read_text())
         assert len(ev["sets"]["forget"]["per_sample"]["truth_ratio_raw"]) == ev["sets"]["forget"]["n"]
     assert metrics["models"]["oracle"]["forget_quality"] == pytest.approx(1.0)
-    assert "Forgotten" in (tmp_path / "demo" / "summary.md").read_text()
+    summary = (tmp_path / "demo" / "summary.md").read_text()
+    assert "| verdict |" in summary and "Verdict on the unlearned model" in summary
+    assert "Verdict on the unlearned model" in res.output and "AUC LOSS" in res.output
     for stage in ("target", "oracle", "unlearn"):
         assert (tmp_path / "demo" / stage / "model" / "model.safetensors").exists()
         assert json.loads((tmp_path / "demo" / stage / "status.json").read_text())["status"] == "done"

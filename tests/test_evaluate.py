@@ -63,7 +63,8 @@ def result(tiny):
 
 def test_schema_and_per_sample_lengths(result):
     sets = make_sets()
-    assert set(result) == {"model", "sets", "forget_quality", "model_utility", "seconds"}
+    assert set(result) == {"model", "sets", "forget_quality", "model_utility", "seconds", "scored_tokens"}
+    assert result["scored_tokens"] == "labels"
     assert result["model"] == "tiny" and result["seconds"] > 0
     assert list(result["sets"]) == list(sets)
     for name, s in result["sets"].items():
@@ -138,20 +139,18 @@ def test_model_utility_uses_the_nine_numbers():
 
 
 def test_one_scoring_pass_over_unique_pairs_and_one_generation_pass(tiny, monkeypatch):
+    # one score_and_generate call: every unique pair scored and every question answered, each
+    # question's prompt prefilled once for both (tests/test_fast_scoring.py)
     model, tok = tiny
     calls = {"score": [], "generate": []}
-    real_score, real_generate = ev.score_pairs, ev.generate_answers
+    real = ev.score_and_generate
 
-    def counting_score(model, fmt, pairs, **kw):
+    def counting(model, fmt, pairs, questions, *args, **kw):
         calls["score"].append(list(pairs))
-        return real_score(model, fmt, pairs, **kw)
-
-    def counting_generate(model, fmt, questions, **kw):
         calls["generate"].append(list(questions))
-        return real_generate(model, fmt, questions, **kw)
+        return real(model, fmt, pairs, questions, *args, **kw)
 
-    monkeypatch.setattr(ev, "score_pairs", counting_score)
-    monkeypatch.setattr(ev, "generate_answers", counting_generate)
+    monkeypatch.setattr(ev, "score_and_generate", counting)
     sets = make_sets()
     ev.evaluate_model(model, tok, sets, max_new_tokens=2, progress=False)
 
@@ -178,9 +177,20 @@ def test_forget_quality_with_oracle(tiny, result):
     assert own["model_utility"] is None  # retain, real authors and world facts are missing
 
     ratios = result["sets"]["forget"]["per_sample"]["truth_ratio_raw"]
-    shifted = {"sets": {"forget": {"per_sample": {"truth_ratio_raw": [r * 1e6 for r in ratios]}}}}
+    shifted = {"scored_tokens": "labels", "sets": {"forget": {"per_sample": {
+        "truth_ratio_raw": [r * 1e6 for r in ratios]}}}}
     far = ev.evaluate_model(model, tok, sets, max_new_tokens=2, oracle=shifted, progress=False)
     assert far["forget_quality"] == pytest.approx(2 / math.comb(6, 3))  # fully separated, 3 vs 3
+
+    # An oracle scored on other tokens (or written before scored_tokens existed: the answer alone)
+    # is refused rather than compared.
+    for other in ({**shifted, "scored_tokens": "answer"}, {"sets": shifted["sets"]}):
+        with pytest.raises(DataError, match="scored 'answer' tokens.*--scored-tokens labels"):
+            ev.evaluate_model(model, tok, sets, max_new_tokens=2, oracle=other, progress=False)
+    answer_only = ev.evaluate_model(model, tok, sets, max_new_tokens=2, progress=False,
+                                    fmt=ChatFormat(tok, scored_tokens="answer"))
+    assert answer_only["scored_tokens"] == "answer"
+    assert answer_only["sets"]["forget"]["probability"] != pytest.approx(own["sets"]["forget"]["probability"])
 
     with pytest.raises(ValueError, match="truth_ratio_raw"):
         ev.evaluate_model(model, tok, sets, max_new_tokens=2, oracle={"sets": {}}, progress=False)
@@ -199,8 +209,8 @@ def test_bad_sets_raise_located_errors(tiny):
         ev.evaluate_model(model, tok, {"holdout": long_row}, fmt=ChatFormat(tok, max_length=128), progress=False)
     forget_plain = QADataset([qa("Q?", "A")], "forget.jsonl")
     with pytest.raises(DataError, match="forget quality"):
-        ev.evaluate_model(model, tok, {"forget": forget_plain}, oracle={"sets": {"forget": {"per_sample": {
-            "truth_ratio_raw": [1.0]}}}}, progress=False)
+        ev.evaluate_model(model, tok, {"forget": forget_plain}, oracle={"scored_tokens": "labels", "sets": {"forget": {
+            "per_sample": {"truth_ratio_raw": [1.0]}}}}, progress=False)
     with pytest.raises(ValueError, match="no evaluation sets"):
         ev.evaluate_model(model, tok, {}, progress=False)
 
@@ -315,7 +325,8 @@ def test_extra_pairs_are_scored_after_and_change_nothing(tiny, result, monkeypat
     new = [("Who is Eve?", "A doctor."), ("Where was Ana born?", "In Lisbon.")]  # the second is a set pair already
     evaluation = ev.evaluate_with_scores(model, tok, make_sets(), batch_size=4, max_new_tokens=MAX_NEW,
                                          progress=False, label="tiny", extra_pairs=new)
-    assert len(calls) == 2 and calls[1] == [new[0]]  # only the missing pair, in a call of its own
+    # the sets' pairs go through score_and_generate; only the missing pair through a call of its own
+    assert calls == [[new[0]]]
     got = evaluation.result.to_json()
     assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
     assert new[0] in evaluation.scores and evaluation.scores.scored == len(evaluation.scores)

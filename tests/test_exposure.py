@@ -66,7 +66,8 @@ def tiny(tmp_path_factory):
 
 
 def slow_total_logprob(model, fmt, question, answer):
-    prompt, ans = fmt.prompt_ids(question), fmt.answer_ids(answer)
+    ans = fmt.answer_ids(answer) + ([fmt.end_of_turn_id] if fmt.scored_tokens == "labels" else [])
+    prompt = fmt.prompt_ids(question)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + ans])).logits[0].double()
     return sum(float(torch.log_softmax(logits[len(prompt) + t - 1], -1)[tok]) for t, tok in enumerate(ans))

@@ -105,7 +105,8 @@ def test_run_memorisation_matches_brute_force_greedy_extraction(trained):
     ds = QADataset([QAExample(q, a) for q, a in PAIRS], "pairs")
     result = run_memorisation(model, fmt, ds, batch_size=2)
     for i, (q, a) in enumerate(PAIRS):
-        prompt, ans = fmt.prompt_ids(q), fmt.answer_ids(a)
+        # The scored tokens: the answer and its closing end-of-turn (ChatFormat.scored_tokens="labels").
+        prompt, ans = fmt.prompt_ids(q), fmt.answer_ids(a) + [fmt.end_of_turn_id]
         em = np.mean([greedy(model, prompt + ans[:t], 1)[0] == ans[t] for t in range(len(ans))])
         # ES by definition: the shortest prefix from which greedy decoding reproduces the rest.
         k = next(k for k in range(len(ans) + 1) if greedy(model, prompt + ans[:k], len(ans) - k) == ans[k:])

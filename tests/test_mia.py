@@ -161,10 +161,15 @@ HOLDOUT = QADataset([QAExample("Bo?", "A poet."), QAExample("When?", "May 2001")
                      QAExample("Why?", "Because.")], "holdout")
 
 
+def scored_ids(fmt, answer):
+    """The tokens evaluation scores: the answer, then end-of-turn unless scored_tokens="answer"."""
+    return fmt.answer_ids(answer) + ([fmt.end_of_turn_id] if fmt.scored_tokens == "labels" else [])
+
+
 def slow_token_stats(model, fmt, question, answer):
     """Per answer token: log-prob, and mean / std of log p under the model's distribution, each
     from its own forward pass over the unpadded prefix, in float64."""
-    prompt, ans = fmt.prompt_ids(question), fmt.answer_ids(answer)
+    prompt, ans = fmt.prompt_ids(question), scored_ids(fmt, answer)
     lps, mus, sds = [], [], []
     with torch.no_grad():
         for t, token in enumerate(ans):
@@ -219,7 +224,7 @@ def test_gradnorm_matches_backward_and_leaves_model_untouched(tiny):
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     for (q, a), score in zip(pairs, got):
-        prompt, ans = fmt.prompt_ids(q), fmt.answer_ids(a)
+        prompt, ans = fmt.prompt_ids(q), scored_ids(fmt, a)
         ids = torch.tensor([prompt + ans])
         logits = model(input_ids=ids).logits[0]
         loss = torch.stack([-torch.log_softmax(logits[len(prompt) + t - 1], -1)[tok]

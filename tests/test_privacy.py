@@ -27,12 +27,12 @@ from obliviate.pipeline import PipelineConfig, run_pipeline
 
 def slow_token_logprobs(model, fmt, question, answer):
     """Answer-token log-probs and argmax hits from one full forward pass, written out longhand."""
-    enc = fmt.encode(question, answer, close=False)
+    enc = fmt.encode(question, answer, close=fmt.scored_tokens == "labels")
     ids = torch.tensor([enc.input_ids])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].double()
     lps, hits = [], []
-    for pos in range(enc.answer_start, enc.answer_start + enc.answer_len):
+    for pos in range(enc.answer_start, len(enc.input_ids)):  # the answer (+ end-of-turn when scored)
         row = torch.log_softmax(logits[pos - 1], -1)
         lps.append(float(row[ids[0, pos]]))
         hits.append(int(row.argmax()) == int(ids[0, pos]))
@@ -102,22 +102,22 @@ def test_privleak_and_rows_by_hand():
 
 @pytest.fixture
 def count_forward(monkeypatch):
-    """Rows through the model's scoring forward pass, and the models loaded, while a test runs."""
+    """Pairs the model scores (rows of its scoring passes), and the models loaded, while a test runs."""
     import obliviate.evaluation.logprobs as logprobs
     import obliviate.evaluation.privacy as privacy
 
     seen = {"rows": 0, "loaded": []}
-    real_views, real_load = logprobs.score_views, privacy.load_model
+    real_batch, real_load = logprobs.run_batch, privacy.load_model
 
-    def views(model, batch):
-        seen["rows"] += batch["input_ids"].shape[0]
-        return real_views(model, batch)
+    def batch(runner, fmt, batch, *args, **kw):
+        seen["rows"] += len(batch.pairs)
+        return real_batch(runner, fmt, batch, *args, **kw)
 
     def load(spec, **kw):
         seen["loaded"].append(str(spec))
         return real_load(spec, **kw)
 
-    monkeypatch.setattr(logprobs, "score_views", views)
+    monkeypatch.setattr(logprobs, "run_batch", batch)
     monkeypatch.setattr(privacy, "load_model", load)
     return seen
 

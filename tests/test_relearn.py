@@ -210,3 +210,40 @@ def test_config_validation():
         RelearnConfig(steps=(-1, 3))
     with pytest.raises(ValueError, match="lr"):
         RelearnConfig(lr=0)
+
+
+def test_holdout_control_measures_never_seen_rows_under_the_same_relearning(world):
+    """The oracle-free control: the same relearning run also measures rows the model never saw."""
+    fmt, facts = world["fmt"], world["facts"]
+    holdout = QADataset([QAExample(f"What colour does {n} like?", f"{n} likes {c}.", meta={"value": c})
+                         for n, c in zip(["Mo", "Ny", "Ox", "Pi", "Qu", "Ra"], COLOURS)], "holdout")
+    split = RelearnSplit(facts[:4], facts[4:], "forget_subset")
+    cfg = RelearnConfig(steps=(10, 20), lr=1e-3, batch_size=4, max_new_tokens=16)
+    out = relearn_attack(world["unlearned"], world["tok"], split, cfg, target=world["target"], fmt=fmt,
+                         holdout=holdout)
+    for key in ("holdout_rouge", "holdout_probability", "holdout_keyword_hit", "holdout_nll"):
+        assert len(out[key]) == 3
+    assert "holdout_exposure" not in out  # the holdout rows have no candidates
+    assert out["relearn_set"]["n_holdout"] == 6 and len(out["per_sample"]["20"]["holdout"]["nll"]) == 6
+    # Step 0 is the unlearned model itself: the holdout's NLL is what scoring it directly gives.
+    assert out["holdout_nll"][0] == pytest.approx(mean_nll(world["unlearned"], fmt, holdout), rel=1e-5)
+    nll = out["summary"]["by_metric"]["forget_nll"]
+    removed = out["target"]["forget_nll"] - out["forget_nll"][0]
+    assert nll["holdout_gain"] == pytest.approx((out["holdout_nll"][-1] - out["holdout_nll"][0]) / removed)
+    assert nll["recovery_beyond_holdout"] == pytest.approx(nll["recovery"] - nll["holdout_gain"])
+    assert out["summary"]["holdout_gain"] == out["summary"]["by_metric"]["forget_rouge"]["holdout_gain"]
+    # Relearning four forgotten facts brings the other eight back beyond what it teaches about six people
+    # the model never saw (relearning restores the answers' shared form for both), without an oracle:
+    # afterwards the forgotten answers are far likelier than never-seen ones.
+    assert nll["recovery"] > 0.8 and nll["recovery_beyond_holdout"] > 0.2
+    assert out["forget_nll"][-1] < out["holdout_nll"][-1] - 1.0
+    # The verdict reads the same file: the held-out forget rows gain more than the holdout rows.
+    from obliviate.evaluation.verdict import Evidence, Settings, judge
+
+    verdict = judge(Evidence(relearn=out, files={"relearn": "attacks/relearn.json"}), Settings(n_boot=500))
+    relearn = next(c for c in verdict["criteria"] if c["name"] == "durability:relearn")
+    assert relearn["evidence"] == "attacks/relearn.json" and relearn["n"] == {"forget": 8, "holdout": 6}
+    per = out["per_sample"]
+    gain = np.mean(np.subtract(per["0"]["nll"], per["20"]["nll"])) - np.mean(
+        np.subtract(per["0"]["holdout"]["nll"], per["20"]["holdout"]["nll"]))
+    assert relearn["value"] == pytest.approx(gain) and relearn["call"] == "under-unlearned"

@@ -26,7 +26,7 @@ def signed(tmp_path):
     """A run certified with a new key: (record path, public key path, the run)."""
     assert run("keygen", "--out", tmp_path / "keys").exit_code == 0
     unlearn = make_unlearn_run(tmp_path)
-    res = run("certify", unlearn, "--min-forget-quality", "0", "--sign-key", tmp_path / "keys" / "audit.key",
+    res = run("certify", unlearn, "--sign-key", tmp_path / "keys" / "audit.key",
               "--out", tmp_path / "record.json")
     assert res.exit_code == 0, res.output
     return tmp_path / "record.json", tmp_path / "keys" / "audit.pub", unlearn
@@ -79,7 +79,7 @@ def test_signature_by_another_key_or_forged_bytes_fails(signed, tmp_path):
 
 def test_unsigned_records_keep_working_and_a_key_requires_a_signature(tmp_path):
     unlearn = make_unlearn_run(tmp_path)
-    assert run("certify", unlearn, "--min-forget-quality", "0", "--out", tmp_path / "r.json").exit_code == 0
+    assert run("certify", unlearn, "--out", tmp_path / "r.json").exit_code == 0
     assert run("verify", tmp_path / "r.json", "--no-rehash").exit_code == 0
     assert run("keygen", "--out", tmp_path / "k").exit_code == 0
     res = run("verify", tmp_path / "r.json", "--no-rehash", "--public-key", tmp_path / "k" / "audit.pub")

@@ -99,8 +99,9 @@ def test_split_sizes_and_disjointness(name, demo, mid, mid_config):
     assert not entities_of(splits["forget"]) & entities_of(splits["retain"])
     assert not entities_of(splits["holdout"]) & entities_of(splits["full"])
     assert not {r.question for r in splits["holdout"]} & set(full_q)
-    # Plain splits carry question and answer only (plus meta), as TOFU's do.
-    for split in ("full", "forget", "retain", "holdout"):
+    # Plain (trained) splits carry question and answer only (plus meta), as TOFU's do; the holdout is
+    # only ever evaluated, so it carries the forget rows' paraphrased and perturbed answers.
+    for split in ("full", "forget", "retain"):
         for r in splits[split]:
             assert r.paraphrased_answer is None and not r.perturbed_answers and r.paraphrased_question is None
     # Each entity contributes facts on distinct attributes.
@@ -147,7 +148,7 @@ def test_perturbed_splits_keep_the_template_and_change_the_value(name, demo, mid
     splits, config = (demo, SyntheticConfig()) if name == "demo" else (mid, mid_config)
     assert [r.question for r in splits["forget_perturbed"]] == [r.question for r in splits["forget"]]
     assert [r.answer for r in splits["forget_perturbed"]] == [r.answer for r in splits["forget"]]
-    for split in ("forget_perturbed", "retain_perturbed", "id_forget"):
+    for split in ("forget_perturbed", "retain_perturbed", "id_forget", "holdout"):
         for r in splits[split]:
             check_fact_row(r, config.n_perturbed)
     for r in splits["full"] + splits["holdout"]:

@@ -10,7 +10,14 @@ from obliviate.bench import leaderboard, leaderboard_markdown
 from obliviate.pipeline import summary_markdown
 from obliviate.reporting.ranking import rank
 from obliviate.reporting.registry import LeaderboardRow, rank_rows
-from obliviate.reporting.tables import DETAIL, SUMMARY, format_number, markdown_table
+from obliviate.reporting.tables import (
+    DETAIL,
+    SUMMARY,
+    format_number,
+    markdown_table,
+    verdict_rows,
+    verdict_summary,
+)
 
 
 @pytest.mark.parametrize("value,summary,detail", [
@@ -27,27 +34,67 @@ def test_markdown_table_escapes_cells():
     assert markdown_table(["a", "b|c"], [["x\ny", "1\\2"]]) == "| a | b\\|c |\n|---|---|\n| x y | 1\\\\2 |"
 
 
+def _criterion(name, call, value=None, **extra):
+    return {"name": name, "group": name.split(":")[0], "statistic": "s", "value": value, "band": None,
+            "interval": None, "p_value": None, "alpha": 0.0125, "call": call, "evidence": None, "note": "", "n": {},
+            **extra}
+
+
 def test_summary_markdown_is_the_demo_table():
+    verdict = {
+        "model": "unlearned", "call": "over-unlearned", "under": [], "over": ["membership:loss", "knowledge:nll"],
+        "alpha": 0.05, "alpha_per_criterion": 0.0125, "n_tests": 4,
+        "criteria": [
+            _criterion("membership:loss", "over-unlearned", 0.05, statistic="AUC forget vs holdout (LOSS)",
+                       band=[0.2, 0.8], n={"forget": 12, "holdout": 12}),
+            _criterion("knowledge:truth_ratio", "not measured", alpha=None,
+                       note="the holdout set has no per-sample truth ratio"),
+            _criterion("knowledge:nll", "over-unlearned", 0.9),
+            _criterion("utility:model_utility", "indistinguishable", 0.97),
+            _criterion("oracle:forget_quality", "indistinguishable", 0.2)],
+        "by_model": {"target": "under-unlearned", "oracle": "indistinguishable", "unlearned": "over-unlearned"},
+        "forgotten": False, "utility_kept": True, "target_memorised": True}
+    aucs = ("mia_auc_loss", "mia_auc_zlib", "mia_auc_mink", "mia_auc_minkpp")
     result = {"models": {
-        "target": {"forget_quality": 2.2e-9, "model_utility": 0.4312, "forget_rouge": 0.9, "forget_probability": 0.8,
-                   "forget_truth_ratio": 0.51, "retain_rouge": 0.85},
-        "oracle": {"forget_quality": 1.0, "model_utility": 0.42, "forget_rouge": 0.31, "forget_probability": 0.2,
-                   "forget_truth_ratio": 0.66, "retain_rouge": 0.84},
-        "unlearned": {"forget_quality": 0.12, "model_utility": None, "forget_rouge": 0.35, "forget_probability": 0.1,
-                      "forget_truth_ratio": 0.7, "retain_rouge": 0.7}},
-        "verdict": {"forgotten": True, "utility_kept": False, "forget_quality": 0.12,
-                    "forget_rouge_gap_to_oracle": 0.04, "utility_ratio_to_target": None, "target_memorised": True}}
+        "target": {**dict(zip(aucs, (1.0, 0.99, 0.98, 0.97))), "forget_quality": 2.2e-9, "model_utility": 0.4312,
+                   "forget_rouge": 0.9, "holdout_rouge": 0.2, "retain_rouge": 0.85},
+        "oracle": {**dict(zip(aucs, (0.52, 0.5, 0.48, 0.55))), "forget_quality": 1.0, "model_utility": 0.42,
+                   "forget_rouge": 0.21, "holdout_rouge": 0.2, "retain_rouge": 0.84},
+        "unlearned": {**dict(zip(aucs, (0.05, 0.04, None, 0.1))), "forget_quality": 0.2, "model_utility": None,
+                      "forget_rouge": 0.0, "holdout_rouge": 0.19, "retain_rouge": 0.7}},
+        "verdict": verdict}
     assert summary_markdown(result) == (
-        "| model | forget quality | model utility | forget ROUGE-L | forget prob. | forget truth ratio "
-        "| retain ROUGE-L |\n"
-        "|---|---|---|---|---|---|---|\n"
-        "| target | 2.20e-09 | 0.431 | 0.900 | 0.800 | 0.510 | 0.850 |\n"
-        "| oracle | 1.000 | 0.420 | 0.310 | 0.200 | 0.660 | 0.840 |\n"
-        "| unlearned | 0.120 | - | 0.350 | 0.100 | 0.700 | 0.700 |\n"
+        "| model | verdict | AUC LOSS | AUC zlib | AUC Min-K% | AUC Min-K%++ | forget quality | model utility "
+        "| forget ROUGE-L | holdout ROUGE-L | retain ROUGE-L |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| target | under-unlearned | 1.000 | 0.990 | 0.980 | 0.970 | 2.20e-09 | 0.431 | 0.900 | 0.200 | 0.850 |\n"
+        "| oracle | indistinguishable | 0.520 | 0.500 | 0.480 | 0.550 | 1.000 | 0.420 | 0.210 | 0.200 | 0.840 |\n"
+        "| unlearned | over-unlearned | 0.050 | 0.040 | - | 0.100 | 0.200 | - | 0.000 | 0.190 | 0.700 |\n"
         "\n"
-        "Forgotten: **yes** (forget quality 0.120, forget ROUGE +0.040 vs the oracle).\n"
-        "Utility kept: **no** (unlearned / target model utility = -).\n"
-        "Target memorised the forget set: yes.\n")
+        "Verdict on the unlearned model: **over-unlearned**: the forget rows now look *less* likely than never-seen "
+        "holdout rows, which marks them as deleted.\n\n"
+        "Over-unlearned on: membership:loss, knowledge:nll.\n\n"
+        "Measured: membership-inference AUCs of 12 forget rows against 12 never-seen holdout rows (LOSS 0.050; "
+        "0.5 = cannot tell them apart, indistinguishable inside [0.200, 0.800]); knowledge (forget vs holdout: nll); "
+        "utility against the model before unlearning (model utility); against the oracle (forget quality).\n\n"
+        "4 statistical criteria share a family-wise error rate of 0.050 (each judged at 0.0125): indistinguishable "
+        "means no evidence of a difference at that level, not proof of equality.\n\n"
+        "Not measured: knowledge:truth_ratio: the holdout set has no per-sample truth ratio.\n\n"
+        "Other models on the same criteria: target under-unlearned, oracle indistinguishable.\n")
+    # Over on utility alone says so, not that the forget rows are marked.
+    utility_only = {**verdict, "over": ["utility:model_utility"]}
+    assert "lost utility beyond the tolerance" in verdict_summary(utility_only)[0]
+
+
+def test_verdict_rows_show_interval_band_and_why_not_measured():
+    header, rows = verdict_rows({"criteria": [
+        _criterion("utility:model_utility", "over-unlearned", 0.5, interval=[0.4, 0.6], band=[0.9, None],
+                   evidence="eval/unlearned.json"),
+        _criterion("durability:relearn", "not measured", note="no attacks/relearn.json")]})
+    assert header == ["criterion", "statistic", "value", "interval", "band", "p-value", "call", "evidence"]
+    assert rows[0] == ["utility:model_utility", "s", "0.5000", "[0.4000, 0.6000]", "[0.9000, inf]", "",
+                       "over-unlearned", "eval/unlearned.json"]
+    assert rows[1][-2:] == ["not measured", "no attacks/relearn.json"]
 
 
 def _cell(method, fq, mu):

@@ -51,12 +51,15 @@ ROWS = [
 
 
 @torch.no_grad()
-def slow_nll(model, tok, question: str, answer: str) -> float:
-    """Mean NLL of the answer tokens, one token at a time, from a plain forward pass of one sample."""
+def slow_nll(model, tok, question: str, answer: str, scored_tokens: str = "labels") -> float:
+    """Mean NLL of the scored tokens (the answer, then its closing <|im_end|> unless
+    ``scored_tokens="answer"``), one token at a time, from a plain forward pass of one sample."""
     messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": question}]
     prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                  add_special_tokens=False)["input_ids"]
     answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    if scored_tokens == "labels":
+        answer_ids = answer_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
     logits = model(input_ids=torch.tensor([prompt + answer_ids])).logits[0]
     total = 0.0
     for k, token in enumerate(answer_ids):
@@ -65,9 +68,10 @@ def slow_nll(model, tok, question: str, answer: str) -> float:
     return total / len(answer_ids)
 
 
-def test_probability_truth_ratio_normalised_against_slow_reference(tiny):
+@pytest.mark.parametrize("scored_tokens", ["labels", "answer"])
+def test_probability_truth_ratio_normalised_against_slow_reference(tiny, scored_tokens):
     model, tok = tiny
-    fmt = ChatFormat(tok)
+    fmt = ChatFormat(tok, scored_tokens=scored_tokens)
     pairs = [(r["q"], a) for r in ROWS for a in [r["a"], r["para"], *r["pert"]]]
     scores = dict(zip(pairs, score_pairs(model, fmt, pairs, batch_size=3)))
 
@@ -75,9 +79,9 @@ def test_probability_truth_ratio_normalised_against_slow_reference(tiny):
     para = [scores[(r["q"], r["para"])] for r in ROWS]
     pert = [[scores[(r["q"], p)] for p in r["pert"]] for r in ROWS]
 
-    ref_p = [math.exp(-slow_nll(model, tok, r["q"], r["a"])) for r in ROWS]
-    ref_para = [math.exp(-slow_nll(model, tok, r["q"], r["para"])) for r in ROWS]
-    ref_pert = [[math.exp(-slow_nll(model, tok, r["q"], p)) for p in r["pert"]] for r in ROWS]
+    ref_p = [math.exp(-slow_nll(model, tok, r["q"], r["a"], scored_tokens)) for r in ROWS]
+    ref_para = [math.exp(-slow_nll(model, tok, r["q"], r["para"], scored_tokens)) for r in ROWS]
+    ref_pert = [[math.exp(-slow_nll(model, tok, r["q"], p, scored_tokens)) for p in r["pert"]] for r in ROWS]
     ref_geo = [math.prod(ps) ** (1 / len(ps)) for ps in ref_pert]
     ref_ratio = [g / p for g, p in zip(ref_geo, ref_para)]
     ref_norm = [p / (p + sum(ps)) for p, ps in zip(ref_p, ref_pert)]

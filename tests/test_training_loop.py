@@ -3,20 +3,26 @@ checkpoints resume to the same result, logs and configs are written."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+from accelerate.utils import set_seed
 
+from obliviate.data.batches import collate, encode_views, view_lengths
 from obliviate.data.benchmark import load_benchmark
-from obliviate.data.chat import ChatFormat
+from obliviate.data.chat import ChatFormat, length_grouped_batches, num_batches, pad_batch
 from obliviate.errors import UserError
 from obliviate.evaluation.logprobs import score_pairs
-from obliviate.methods import Composite, build_method
+from obliviate.methods import Composite, StepInputs, build_method, reference_logps_for_rows, sequence_logps
+from obliviate.methods.common import target_logps, token_logps
 from obliviate.methods.nll import NLL
 from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.runs import RunDir
 from obliviate.training.config import TrainConfig
 from obliviate.training.divergence import TrainingDiverged
-from obliviate.training.loop import train
+from obliviate.training.loop import LENGTH_GROUPS, train
+from obliviate.training.optim import build_optimizer, build_scheduler, param_groups
 
 
 def mean_nll(model, tok, ds):
@@ -231,3 +237,166 @@ def test_a_procedure_is_not_trained_by_the_loop(parts):
     model, tok, bench = parts
     with pytest.raises(TypeError, match="'unierase' is not trained by the loop: it is a procedure"):
         train(model, tok, build_method("unierase"), bench.split("forget"), TrainConfig(), progress=False)
+
+
+# ---------------------------------------------------------------- training near the floor
+
+
+def _reference_history(model, tok, method, data, retain, cfg):
+    """The per-step log of a plain loop, obviously correct: the batches the loop draws (length-grouped
+    per epoch and per retain cycle), the method called as a whole (its logs read as floats at every
+    micro-batch), float sums, backward, clipping, the optimizer and schedule of ``training.optim``."""
+    set_seed(cfg.seed)
+    fmt, pad = ChatFormat(tok), tok.pad_token_id
+    method.bind(model)
+    rows = encode_views(fmt, data, tuple(method.views))
+    rrows = encode_views(fmt, retain, ("answer",)) if method.uses_retain else None
+    ref = reference_logps_for_rows(model, rows, pad, cfg.batch_size) if method.needs_ref_logps else None
+    model.train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, param_groups(trainable, set(), cfg.weight_decay), False)
+    per_epoch = num_batches(len(rows), cfg.batch_size)
+    total_micro = cfg.max_steps * cfg.grad_accum
+    scheduler = build_scheduler(optimizer, cfg, cfg.max_steps)
+    lengths = view_lengths(rows)
+    rlengths = view_lengths(rrows) if rrows else []
+    history, acc, step = [], {}, 0
+    for micro in range(total_micro):
+        epoch, pos = divmod(micro, per_epoch)
+        idx = length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch, group_factor=LENGTH_GROUPS)[pos]
+        rbatch = None
+        if rrows:
+            cycle, rpos = divmod(micro, num_batches(len(rrows), cfg.batch_size))
+            ridx = length_grouped_batches(rlengths, cfg.batch_size, seed=cfg.seed + 10_000 + cycle,
+                                          group_factor=LENGTH_GROUPS)[rpos]
+            rbatch = collate([rrows[i] for i in ridx], ridx, pad)
+        batch = collate([rows[i] for i in idx], idx, pad, None, ref)
+        loss, logs = method(StepInputs(model=model, forget=batch, retain=rbatch, step=step))
+        (loss / cfg.grad_accum).backward()
+        for k, v in logs.items():
+            acc[k] = acc.get(k, 0.0) + float(v) / cfg.grad_accum
+        if (micro + 1) % cfg.grad_accum == 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history.append({"step": step, **{k: round(v, 6) for k, v in acc.items()}})
+            acc = {}
+    return history
+
+
+@pytest.mark.parametrize("name", ["graddiff", "npo"])
+def test_logged_losses_equal_a_plain_loop_read_every_step(tiny_model_dir, small_bench, name):
+    """Logged values read from the device every ``sync_every`` steps, label positions found on the host,
+    logits only at label positions: the same per-step numbers as a plain loop reading every step."""
+    bench = load_benchmark(small_bench)
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = TrainConfig(max_steps=5, grad_accum=2, batch_size=2, lr=3e-3, sync_every=3, seed=1)
+    forget, retain = bench.split("forget"), bench.split("retain")
+    res = train(load_model(str(tiny_model_dir)), tok, build_method(name), forget, cfg, retain=retain, progress=False)
+    reference = _reference_history(load_model(str(tiny_model_dir)), tok, build_method(name), forget, retain, cfg)
+    logged = [{k: v for k, v in r.items() if k not in ("epoch", "lr", "seconds")} for r in res.history]
+    assert logged == reference
+
+
+class _DeviceTensor(torch.Tensor):
+    """A tensor that stands for one on an accelerator: it records every read of its value on the host
+    (``.item()``, ``float()``, ``bool()``, ``.tolist()``, ``nonzero``...) made from obliviate's own code.
+    Every tensor computed from it is one too, so the losses and logs of a step are tracked."""
+
+    reads: list[str] = []
+    others: list[str] = []  # reads made by the model's own code (transformers), not obliviate's
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.nonzero, torch.nonzero,
+             torch.bincount, torch.Tensor.bincount, torch.Tensor.cpu, torch.Tensor.any, torch.Tensor.all}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.READS:  # who asked: the first caller outside torch
+            caller = next(f for f in inspect.stack()[1:] if "/torch/" not in f.filename)
+            if "/obliviate/" in caller.filename and "/tests/" not in caller.filename:
+                cls.reads.append(f"{caller.filename.rsplit('/obliviate/', 1)[1]}:{caller.function}")
+            else:
+                cls.others.append(f"{caller.filename}:{caller.lineno}:{caller.function}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_no_host_reads_per_step(tiny_model_dir, small_bench, monkeypatch):
+    """Every batch tensor is a _DeviceTensor: the training step of a method reads nothing back on the
+    host; the loop reads the logged values once per ``sync_every`` steps."""
+    from obliviate.training import loop
+
+    real = loop.to_device
+
+    def to_fake_device(batch, device):
+        moved = real(batch, device)
+        return {k: to_fake_device(v, device) if isinstance(v, dict) else
+                v.as_subclass(_DeviceTensor) if torch.is_tensor(v) else v for k, v in moved.items()} \
+            if isinstance(moved, dict) else moved
+
+    monkeypatch.setattr(loop, "to_device", to_fake_device)
+    bench = load_benchmark(small_bench)
+    tok = load_tokenizer(str(tiny_model_dir))
+    for name in ("npo", "graddiff", "idk_dpo", "npo_kl", "wga", "undial", "pdu"):
+        _DeviceTensor.reads = []
+        res = train(load_model(str(tiny_model_dir)), tok, build_method(name), bench.split("forget"),
+                    TrainConfig(max_steps=6, batch_size=2, sync_every=3), retain=bench.split("retain"), progress=False)
+        assert len(res.history) == 6
+        assert _DeviceTensor.reads == ["training/loop.py:read_logs"] * 2, (name, _DeviceTensor.reads)
+
+
+def test_label_positions_path_equals_full_logits(tiny_model_dir, small_bench, monkeypatch):
+    """Logits computed at the label positions only (``logits_to_keep``) and label positions found on the
+    host give the per-sample log-probs and gradients of the full-logits path within 1e-5."""
+    from obliviate.methods import common
+
+    bench = load_benchmark(small_bench)
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = encode_views(ChatFormat(tok), bench.split("forget"), ("answer",))
+    view = pad_batch([r["answer"] for r in rows], tok.pad_token_id)
+    model = load_model(str(tiny_model_dir))
+    assert common._slices_logits(type(model))
+
+    def run(v):
+        model.zero_grad()
+        logp, n = sequence_logps(model, v)
+        logp.sum().backward()
+        return logp.detach(), n, [p.grad.clone() for p in model.parameters()]
+
+    sliced = run(common.index_labels({"answer": view})["answer"])
+    monkeypatch.setattr(common, "_slices_logits", lambda cls: False)
+    full = run(view)
+    torch.testing.assert_close(sliced[0], full[0], rtol=0, atol=1e-5)
+    assert torch.equal(sliced[1], full[1])
+    for a, b in zip(sliced[2], full[2]):  # sums over many positions: float rounding differs a little
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # per token, against log_softmax over the whole [B, T, V] logits, gathered by hand
+    monkeypatch.undo()
+    with torch.no_grad():
+        tokens, rows = token_logps(model, common.index_labels({"answer": view})["answer"])
+        logits = model(input_ids=view["input_ids"], attention_mask=view["attention_mask"]).logits[:, :-1]
+        labels = view["labels"][:, 1:]
+        mask = labels != -100
+        expected = logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)[mask]
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-5)
+    assert rows.tolist() == mask.nonzero()[:, 0].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_chunked_target_logps_equal_log_softmax(dtype, chunk):
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(7, 50, generator=gen) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (7,), generator=gen)
+    weights = torch.randn(7, generator=gen)
+    got = target_logps(logits, targets, chunk)
+    (got * weights).sum().backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    plain = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    (plain * weights).sum().backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad.float(), logits.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)

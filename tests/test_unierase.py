@@ -491,3 +491,53 @@ def test_unlearn_method_unierase_is_the_same_run(tmp_path):
     assert UNLEARN_TOKEN in tok.get_vocab()
     config = (run / "config.yaml").read_text()
     assert "method: unierase" in config and "train:" not in config  # a procedure has no training options
+
+
+# ---------------------------------------------------------------- a second request on an edited model
+
+@torch.no_grad()
+def token_logp(model, fmt: ChatFormat, question: str, token_id: int) -> float:
+    return float(model(input_ids=torch.tensor([fmt.prompt_ids(question)])).logits[0, -1].log_softmax(-1)[token_id])
+
+
+def test_a_second_edit_keeps_the_first(knows, tmp_path):
+    """Two sequential requests: request 1 edits FORGET[:2] (stage 1 and 2), request 2 edits FORGET[2:]
+    on request 1's checkpoint. Request 1's questions still start with the token and read as a
+    refusal; their keys are in request 2's preserved set, so the token's log-prob there moves less
+    than under the same edit without them; and the model's record makes request 2 refuse to run
+    without request 1's forget rows."""
+    from obliviate.data.qa import write_qa_jsonl
+    from obliviate.methods import build_method
+    from obliviate.methods.unierase import EarlierEditsMissing
+
+    first, second = qa(FORGET[:2], "first"), qa(FORGET[2:], "second")
+    model, tok = copy.deepcopy(knows[0]), copy.deepcopy(knows[1])
+    path = unierase(model, tok, first, qa(RETAIN, "retain"), tmp_path / "r1", EDIT,
+                    fmt=ChatFormat(tok, system_prompt=None), general=qa(GENERAL, "general"))
+    token_id = tok.convert_tokens_to_ids(UNLEARN_TOKEN)
+    fmt = ChatFormat(tok, system_prompt=None)
+    assert [first_token(model, fmt, q) for q, _ in FORGET[:2]] == [token_id] * 2
+    assert [e["n"] for e in json.loads((path / "unierase.json").read_text())["edits"]] == [2]
+    first_file = write_qa_jsonl(first.examples, tmp_path / "first.jsonl")
+
+    def second_request(**options):
+        m, t = load(path)  # name_or_path is the checkpoint: its unierase.json names request 1
+        f = ChatFormat(t, system_prompt=None)
+        before = [token_logp(m, f, q, token_id) for q, _ in FORGET[:2]]
+        result = build_method("unierase", **{**EDIT, **options}).apply(
+            m, t, second, qa(RETAIN, "retain"), f, general=qa(GENERAL, "general"))
+        moved = [abs(token_logp(m, f, q, token_id) - b) for (q, _), b in zip(FORGET[:2], before)]
+        return m, f, result.stats, moved
+
+    with pytest.raises(EarlierEditsMissing, match="earlier UniErase edit"):
+        second_request()
+    edited, f, stats, moved = second_request(earlier=[str(first_file)])
+    assert [first_token(edited, f, q) for q, _ in FORGET] == [token_id] * 4  # request 1 kept, request 2 done
+    outs = greedy_batch(edited, [f.prompt_ids(q) for q, _ in FORGET[:2]], stop_token_ids(f), tok.pad_token_id, 30)
+    assert all(out[0] == token_id for out in outs)
+    assert all(text in REFUSALS for text in generate_answers(edited, f, [q for q, _ in FORGET[:2]], max_new_tokens=30))
+    assert stats["earlier"] == 2 and stats["earlier_first_token_rate"] == 1.0
+    assert [e["n"] for e in stats["edits"]] == [2, 2]  # the model now carries both requests
+    _, _, unkept, moved_unkept = second_request(require_earlier=False)
+    assert unkept["earlier"] == 0
+    assert sum(moved) < sum(moved_unkept), (moved, moved_unkept)

@@ -27,16 +27,22 @@ import torch
 from obliviate.attribution import jsonable_options, parse_guard, parse_wagle, prepare_attribution
 from obliviate.data.benchmark import load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
+from obliviate.data.multiple_choice import MCSet, load_mc_sets
 from obliviate.data.qa import QADataset
 from obliviate.data.sources import DataSpec, as_dataset
+from obliviate.errors import UserError
+from obliviate.evaluation import lm_eval_bridge
 from obliviate.evaluation.evaluate import (
+    check_length_budget,
     eval_sets_from_benchmark,
     evaluate_with_scores,
     load_eval,
     save_eval,
     summary_row,
 )
+from obliviate.evaluation.multiple_choice import evaluate_mc_sets
 from obliviate.evaluation.scores import ModelScores, Pair
+from obliviate.evaluation.stopping import HOLDOUT_NEEDED, CalibratedCheck, CalibrationOptions
 from obliviate.methods import Procedure, build_method
 from obliviate.models.fingerprint import model_sha256
 from obliviate.models.loading import check_model_spec, load_model, load_tokenizer, save_checkpoint
@@ -79,7 +85,8 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
             param_masks: dict[str, torch.Tensor] | None = None,
             on_eval: Callable[[torch.nn.Module, int], None] | None = None,
             extra_config: dict[str, Any] | None = None, wagle: Any = None, guard: Any = None,
-            general: DataSpec | None = None, log: Callable[[str], None] | None = None) -> Path:
+            general: DataSpec | None = None, log: Callable[[str], None] | None = None,
+            holdout: DataSpec | None = None, calibrate: bool | dict[str, Any] | CalibrationOptions = False) -> Path:
     """Unlearn ``forget`` from ``model`` with a method from ``obliviate.methods`` (``obliviate methods``
     lists them), keeping ``retain``. Returns the directory of the unlearned checkpoint.
 
@@ -88,12 +95,28 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
     ``attribution.WagleConfig``); ``guard``: a GUARD weights file, or options (``{"tau": 1.0, ...}``,
     ``attribution.GuardConfig``). Computed ones are saved in the run (docs/attribution.md).
     ``general``: extra data a procedure preserves (UniErase's general-knowledge set); ``log`` receives
-    a procedure's progress messages."""
+    a procedure's progress messages.
+
+    ``calibrate`` (True or ``evaluation.stopping.CalibrationOptions`` / their mapping) with a ``holdout``
+    (records of the forget set's kind the model never saw): calibrated unlearning. Every
+    ``train.check_every`` optimizer steps (0: every epoch) forget and holdout rows are scored with
+    log-probs only; training stops once the membership AUCs and knowledge tests are inside their band,
+    the checkpoint closest to the band's centre is kept, and forget rows that already look like holdout
+    rows stop contributing (per-sample gating). The path is logged in ``checks.jsonl``."""
     method_options = dict(method_options or {})
     built = build_method(method, **method_options)
     procedure = isinstance(built, Procedure)
     train = presets.train_config(train, presets.UNLEARN)
     wagle, guard = parse_wagle(wagle), parse_guard(guard)  # bad options fail before the run directory
+    calibration = CalibrationOptions.parse(calibrate)
+    if calibration is not None and holdout is None:
+        raise UserError(f"{HOLDOUT_NEEDED}: give one (--holdout FILE)")
+    if holdout is not None and calibration is None:
+        raise UserError("a holdout is used by calibrated unlearning: add --calibrate (calibrate=True), or leave "
+                        "out --holdout")
+    if procedure and calibration is not None:
+        raise ValueError(f"method '{method}' edits the model in one go: calibrated stopping applies to gradient "
+                         "methods only")
     if procedure and (wagle is not None or guard is not None or param_masks is not None
                       or sample_weights is not None or on_eval is not None):
         raise ValueError(f"method '{method}' edits the model in one go: WAGLE, GUARD, masks, sample weights "
@@ -108,14 +131,18 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
         datasets["retain"] = as_dataset(retain, skip_bad)
     if general is not None:
         datasets["general"] = as_dataset(general, skip_bad)
+    if holdout is not None:
+        datasets["holdout"] = as_dataset(holdout, skip_bad)
     config = {"command": "unlearn", "model": str(model), "method": method, "method_options": method_options,
               "forget": datasets["forget"].source, "retain": datasets["retain"].source if retain is not None else None,
               "dtype": dtype, "system_prompt": system_prompt, "max_length": max_length,
               **({"general": datasets["general"].source} if general is not None else {}),
+              **({"holdout": datasets["holdout"].source, "calibrate": calibration.to_json()}
+                 if calibration is not None else {}),
               **({} if procedure else {"train": train.to_dict()}),
               **_attribution_options(wagle, guard), **(extra_config or {})}
     run, config = _open_run(out, config, datasets, overwrite=overwrite, resume=resume,
-                            inputs=(model, forget, retain, general))
+                            inputs=(model, forget, retain, general, holdout))
     if run.status() == "done":
         return run.file("model")
     forget_ds, retain_ds = datasets["forget"], datasets.get("retain")
@@ -133,9 +160,11 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
                     run, net, fmt, built, forget_ds, retain_ds, lora=train.lora, wagle=wagle, guard=guard,
                     param_masks=param_masks, sample_weights=sample_weights, resume=resume)
                 run.write_config({**config, **attribution_config}, seed=train.seed)
+            on_check = (CalibratedCheck(fmt, forget_ds, datasets["holdout"], calibration)
+                        if calibration is not None else None)
             out_dir = _train(run, net, tokenizer, fmt, built, forget_ds, train, retain=retain_ds, resume=resume,
                              progress=progress, description=f"unlearn ({method})", sample_weights=sample_weights,
-                             param_masks=param_masks, on_eval=on_eval)
+                             param_masks=param_masks, on_eval=on_eval, on_check=on_check)
         if run.writer:
             write_model_card(out_dir, model_card_info(run.path))
     return out_dir
@@ -145,15 +174,30 @@ def evaluate(model: str | Path, benchmark: str | Path | dict[str, QADataset], ou
              label: str = "model", forget_split: str = "forget10", oracle_eval: str | Path | dict | None = None,
              batch_size: int = 32, max_new_tokens: int = 200, dtype: str = "float32",
              system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_length: int = 512, progress: bool = True,
-             trust_remote_code: bool = False, model_obj=None, tokenizer=None) -> dict:
+             trust_remote_code: bool = False, model_obj=None, tokenizer=None, scored_tokens: str = "labels",
+             mc: Sequence[str | MCSet] = (), mc_list_choices: bool = False, lm_eval: Sequence[str] = (),
+             lm_eval_limit: int | None = None, lm_eval_include: str | Path | None = None,
+             length_budget: float | None = None) -> dict:
     """TOFU evaluation of ``model`` on a benchmark (directory, TOFU directory or hub id) or on given
     sets. With ``out``, writes ``out/eval/<label>.json`` (and records it in the run registry).
     ``oracle_eval`` (the oracle's eval result or its path) gives forget quality. Returns the
-    ``eval.json`` dict."""
+    ``eval.json`` dict. ``scored_tokens``: "labels" scores each answer with its closing end-of-turn
+    token (as training and the field's reference framework do), "answer" the answer's tokens alone.
+
+    ``mc``: multiple-choice sets (``NAME=FILE_OR_HUB_ID`` or sets; ``evaluation.multiple_choice``),
+    in ``multiple_choice`` of the result; ``mc_list_choices`` lists the lettered choices in their
+    prompts. ``lm_eval``: lm-evaluation-harness tasks run on the same loaded model
+    (``evaluation.lm_eval_bridge``; at most ``lm_eval_limit`` documents each, local task YAML files
+    under ``lm_eval_include``), summarised in ``lm_eval`` of the result, in full in
+    ``out/lm_eval/<label>.json``. ``length_budget`` (a factor, default off) bounds each set's
+    generations to that many times its longest reference answer (``evaluate.set_token_budgets``)."""
     return evaluate_scored(model, benchmark, out, label=label, forget_split=forget_split, oracle_eval=oracle_eval,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype,
                            system_prompt=system_prompt, max_length=max_length, progress=progress,
-                           trust_remote_code=trust_remote_code, model_obj=model_obj, tokenizer=tokenizer).result
+                           trust_remote_code=trust_remote_code, model_obj=model_obj, tokenizer=tokenizer,
+                           scored_tokens=scored_tokens, mc=mc, mc_list_choices=mc_list_choices, lm_eval=lm_eval,
+                           lm_eval_limit=lm_eval_limit, lm_eval_include=lm_eval_include,
+                           length_budget=length_budget).result
 
 
 def evaluate_scored(model: str | Path, benchmark: str | Path | dict[str, QADataset], out: str | Path | None = None,
@@ -161,11 +205,15 @@ def evaluate_scored(model: str | Path, benchmark: str | Path | dict[str, QADatas
                     oracle_eval: str | Path | dict | None = None, batch_size: int = 32, max_new_tokens: int = 200,
                     dtype: str = "float32", system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_length: int = 512,
                     progress: bool = True, trust_remote_code: bool = False, model_obj=None, tokenizer=None,
-                    extra_pairs: Sequence[Pair] = ()) -> ScoredEvaluation:
+                    extra_pairs: Sequence[Pair] = (), scored_tokens: str = "labels", mc: Sequence[str | MCSet] = (),
+                    mc_list_choices: bool = False, lm_eval: Sequence[str] = (), lm_eval_limit: int | None = None,
+                    lm_eval_include: str | Path | None = None,
+                    length_budget: float | None = None) -> ScoredEvaluation:
     """:func:`evaluate`, also returning the model's per-token scores (``evaluation.scores``), so that
     privacy, exposure and attacks read them instead of running the model again; ``extra_pairs``
     (e.g. ``evaluation.privacy.privacy_pairs``) are scored too."""
     label = safe_name(label, "--label")
+    check_length_budget(length_budget)
     if model_obj is None:
         check_model_spec(str(model))
     if out is not None and Path(out).exists() and not Path(out).is_dir():
@@ -173,22 +221,34 @@ def evaluate_scored(model: str | Path, benchmark: str | Path | dict[str, QADatas
     sets = benchmark if isinstance(benchmark, dict) else \
         eval_sets_from_benchmark(load_benchmark(benchmark, forget_split))
     oracle = load_eval(oracle_eval) if isinstance(oracle_eval, (str, Path)) else oracle_eval
+    mc_sets = load_mc_sets(mc)  # bad files and unknown tasks fail before the model loads
+    lm_plan = lm_eval_bridge.plan_lm_eval(lm_eval, lm_eval_limit, lm_eval_include) if lm_eval else None
     if tokenizer is None:
         tokenizer = load_tokenizer(str(model), trust_remote_code=trust_remote_code)
     if model_obj is None:
         model_obj = load_model(str(model), dtype=dtype, device=processes().device, trust_remote_code=trust_remote_code)
-    fmt = ChatFormat(tokenizer, system_prompt=system_prompt, max_length=max_length)
+    fmt = ChatFormat(tokenizer, system_prompt=system_prompt, max_length=max_length, scored_tokens=scored_tokens)
     start = time.time()
     state = processes()  # under accelerate launch: batches split across processes, merged in order
     evaluation = evaluate_with_scores(model_obj, tokenizer, sets, fmt=fmt, batch_size=batch_size,
                                       max_new_tokens=max_new_tokens, oracle=oracle,
                                       progress=progress and state.is_main_process, label=label,
-                                      distributed=state.num_processes > 1, extra_pairs=extra_pairs)
+                                      distributed=state.num_processes > 1, extra_pairs=extra_pairs,
+                                      length_budget=length_budget)
+    evaluation.result.multiple_choice = evaluate_mc_sets(model_obj, fmt, mc_sets, batch_size,
+                                                         list_choices=mc_list_choices,
+                                                         distributed=state.num_processes > 1)
+    lm_run = lm_eval_bridge.run_lm_eval(model_obj, tokenizer, lm_plan, batch_size=batch_size) if lm_plan else None
+    if lm_run is not None:
+        evaluation.result.extra["lm_eval"] = {**lm_eval_bridge.summary(lm_run),
+                                              **({"file": f"lm_eval/{label}.json"} if out is not None else {})}
     result = evaluation.result.to_json()
     result["seconds"] = round(time.time() - start, 3)
     if out is not None and state.is_main_process:
         run = RunDir(out)
         path = save_eval(result, run.file("eval", f"{label}.json"))
+        if lm_run is not None:
+            lm_eval_bridge.save_lm_eval(lm_run, run.file("lm_eval", f"{label}.json"))
         run.record_result(path, "eval", model=str(model), metrics={"models": {label: summary_row(result)}})
     state.wait_for_everyone()
     return ScoredEvaluation(result, evaluation.scores)
@@ -240,10 +300,10 @@ def _load(model: str | Path, dtype: str, system_prompt: str | None, max_length: 
 
 def _train(run: RunDir, model, tokenizer, fmt: ChatFormat, method, primary: QADataset, train: TrainConfig, *,
            retain: QADataset | None, resume: bool, progress: bool, description: str, sample_weights=None,
-           param_masks=None, on_eval=None) -> Path:
+           param_masks=None, on_eval=None, on_check=None) -> Path:
     result = train_loop(model, tokenizer, method, primary, train, retain=retain, fmt=fmt, run=run, resume=resume,
-                        sample_weights=sample_weights, param_masks=param_masks, on_eval=on_eval, progress=progress,
-                        description=description)
+                        sample_weights=sample_weights, param_masks=param_masks, on_eval=on_eval, on_check=on_check,
+                        progress=progress, description=description)
     out = run.file("model")
     if run.writer:  # under FSDP/DeepSpeed the loop gathered the full state dict for this process
         save_checkpoint(result.model, tokenizer, out, merge_lora=train.merge_lora, state_dict=result.state_dict)
@@ -251,5 +311,7 @@ def _train(run: RunDir, model, tokenizer, fmt: ChatFormat, method, primary: QADa
     run.write_json("train_stats.json", {"steps": result.steps, "seconds": round(result.seconds, 3),
                                         "tokens": result.tokens,
                                         "tokens_per_second": round(result.tokens_per_second, 2),
-                                        "last_loss": result.last_loss})
+                                        "last_loss": result.last_loss,
+                                        **({"stopped_at": result.stopped_at, "best_step": result.best_step,
+                                            "checks": len(result.checks)} if on_check is not None else {})})
     return out

@@ -12,6 +12,15 @@ report, registry and audit commands work on it. Finished cells are skipped on re
     seeds: [0]
     finetune: {epochs: 10, lr: 2.0e-4}
     unlearn: {epochs: 5, lr: 1.0e-5}
+
+MUSE's scalability and sustainability (Shi et al. 2024, arXiv 2407.06460, C5 and C6) run on a MUSE
+benchmark instead (``muse:`` a MUSE-layout directory or hub id, or ``muse_synthetic: {n_forget: 8}``):
+the target is finetuned on the raw forget + retain corpora and the retain model on retain alone (the
+``finetune`` recipe); then for each method and seed, ``scale: [1, 2, 4]`` unlearns nested forget sets
+(the first s/max(scale) of raw/forget) from the target, and ``sequential: K`` splits raw/forget in K
+consecutive parts and unlearns them one after another, each from the previous result. After each
+unlearning: VerbMem (forget), KnowMem (forget, retain) and PrivLeak against the retain model, on the
+benchmark's full evaluation sets; rows in ``muse.json`` / ``muse.md``.
 """
 
 from __future__ import annotations
@@ -22,15 +31,27 @@ from typing import Any
 
 import yaml
 
+from obliviate import api
 from obliviate.data.benchmark import load_benchmark
+from obliviate.data.muse import (
+    EVAL_OPTIONAL_ROLES,
+    EVAL_ROLES,
+    TRAIN_ROLES,
+    MuseBenchmark,
+    MuseSyntheticConfig,
+    load_muse,
+    write_synthetic_muse,
+)
 from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
+from obliviate.data.text import TextCorpus, documents_as_qa
+from obliviate.evaluation.muse import evaluate_muse_model, muse_row, save_muse
 from obliviate.methods import build_method
 from obliviate.models.loading import DEFAULT_MODEL
 from obliviate.pipeline import PipelineConfig, run_pipeline
 from obliviate.reporting.ranking import number_or_none, rank
 from obliviate.reporting.report import write_report
 from obliviate.reporting.tables import SUMMARY, format_number, markdown_table
-from obliviate.runs import RunDir, atomic_write_text, plain_name
+from obliviate.runs import RunDir, atomic_write_text, plain_name, read_json
 
 
 @dataclass
@@ -69,14 +90,27 @@ class BenchConfig:
     max_new_tokens: int = 200
     eval_batch_size: int = 32
     dtype: str = "float32"
+    muse: str | None = None  # a MUSE benchmark (directory or hub id): scalability / sustainability runs
+    muse_synthetic: dict[str, Any] | None = None  # or a synthetic one (data.muse.MuseSyntheticConfig options)
+    scale: list[int] = field(default_factory=list)  # MUSE scalability: nested forget sets, s/max(scale) each
+    sequential: int = 0  # MUSE sustainability: raw/forget in this many parts, unlearned one after another
+    verbmem_max_new_tokens: int = 128
+    knowmem_max_new_tokens: int = 32
+
+    @property
+    def is_muse(self) -> bool:
+        return bool(self.muse) or self.muse_synthetic is not None
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "BenchConfig":
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "BenchConfig":
+        """The YAML file's options; ``overrides`` (command-line flags) replace its keys."""
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: invalid YAML ({exc})") from None
+        if isinstance(data, dict):
+            data = {**data, **(overrides or {})}
         return cls.from_dict(data, str(path))
 
     @classmethod
@@ -87,8 +121,12 @@ class BenchConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown keys {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
-        if bool(data.get("benchmark")) == bool(data.get("synthetic") is not None):
-            raise ValueError(f"{source}: give exactly one of 'benchmark' (a directory or hub id) or 'synthetic'")
+        sources = [bool(data.get("benchmark")), data.get("synthetic") is not None, bool(data.get("muse")),
+                   data.get("muse_synthetic") is not None]
+        if sum(sources) != 1:
+            raise ValueError(f"{source}: give exactly one of 'benchmark' (a directory or hub id) or 'synthetic', "
+                             "or for MUSE runs 'muse' (a MUSE directory or hub id) or 'muse_synthetic'")
+        _check_muse_options(data, source, muse=sources[2] or sources[3])
         methods = []
         for i, m in enumerate(data.get("methods", ["npo"])):
             if isinstance(m, str):
@@ -109,6 +147,28 @@ class BenchConfig:
         if not cfg.seeds or not cfg.forget_splits:
             raise ValueError(f"{source}: seeds and forget_splits must not be empty")
         return cfg
+
+
+def _check_muse_options(data: dict[str, Any], source: str, muse: bool) -> None:
+    scale, sequential = data.get("scale") or [], data.get("sequential") or 0
+    if not muse:
+        if scale or sequential:
+            raise ValueError(f"{source}: 'scale' and 'sequential' are MUSE runs: give 'muse' or 'muse_synthetic'")
+        return
+    if not isinstance(scale, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                              for s in scale):
+        raise ValueError(f"{source}: 'scale' must be a list of positive integers (e.g. [1, 2, 4]), got {scale!r}")
+    if len(set(scale)) != len(scale):
+        raise ValueError(f"{source}: 'scale' lists a value twice: {scale}")
+    if not isinstance(sequential, int) or isinstance(sequential, bool) or sequential < 0:
+        raise ValueError(f"{source}: 'sequential' must be a number of parts (0: none), got {sequential!r}")
+    if not scale and not sequential:
+        raise ValueError(f"{source}: a MUSE bench needs 'scale' (e.g. [1, 2, 4]) and/or 'sequential' (e.g. 3)")
+    if data.get("muse_synthetic") is not None:
+        try:
+            MuseSyntheticConfig.from_dict(data["muse_synthetic"] or {})
+        except ValueError as exc:
+            raise ValueError(f"{source}: muse_synthetic: {exc}") from None
 
 
 def _benchmark_dir(cfg: BenchConfig, out: Path) -> str:
@@ -203,3 +263,137 @@ def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
 
 def _plain(cfg: BenchConfig) -> dict[str, Any]:
     return asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# MUSE: scalability (nested forget sets) and sustainability (sequential requests)
+
+MUSE_HEADER = ["method", "mode", "step", "seed", "forget docs", "VerbMem (forget)", "KnowMem (forget)",
+               "KnowMem (retain)", "PrivLeak"]
+
+
+def _muse_dir(cfg: BenchConfig, out: Path) -> str:
+    if cfg.muse:
+        return cfg.muse
+    directory = out / "muse-benchmark"
+    if not (directory / "muse.json").exists():
+        write_synthetic_muse(directory, MuseSyntheticConfig.from_dict(cfg.muse_synthetic or {}))
+    return str(directory)
+
+
+def scale_sizes(n_docs: int, scale: list[int]) -> dict[int, int]:
+    """Forget documents per scale step: the first round(n * s / max(scale)) documents, at least one."""
+    top = max(scale)
+    if n_docs < top:
+        raise ValueError(f"scale up to {top} needs at least {top} forget documents, the corpus has {n_docs}")
+    return {s: max(1, round(n_docs * s / top)) for s in sorted(scale)}
+
+
+def sequential_parts(n_docs: int, k: int) -> list[tuple[int, int]]:
+    """K consecutive, disjoint (start, end) ranges covering the forget corpus, sizes differing by at most one."""
+    if n_docs < k:
+        raise ValueError(f"sequential: {k} parts need at least {k} forget documents, the corpus has {n_docs}")
+    bounds = [round(i * n_docs / k) for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def run_muse_bench(cfg: BenchConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+                   echo=print) -> list[dict[str, Any]]:
+    """MUSE scalability / sustainability runs (module doc); writes ``muse.json``, ``muse.md`` and an HTML
+    report of the unlearning runs; returns the rows (retain model and target first, per seed)."""
+    out = Path(out)
+    shared_options = {k: v for k, v in _plain(cfg).items() if k not in ("methods", "seeds", "scale", "sequential")}
+    resume = out.exists() and not overwrite
+    run = RunDir.open(out, kind="bench", fingerprint={"config": shared_options}, overwrite=overwrite, resume=resume,
+                      inputs=(cfg.muse, cfg.model))
+    run.write_text("bench.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
+    with run.running("bench", resume=resume):
+        bench = load_muse(_muse_dir(cfg, out))
+        bench.require(TRAIN_ROLES + EVAL_ROLES, "a MUSE bench")
+        bench.read_all(TRAIN_ROLES + ("retain2",) + EVAL_ROLES + EVAL_OPTIONAL_ROLES)  # bad rows fail now
+        muse = _MuseRuns(cfg, bench, run, progress, echo)
+        for seed in cfg.seeds:
+            muse.seed(seed)
+        run.write_json("muse.json", {"benchmark": bench.describe(), "rows": muse.rows})
+        atomic_write_text(run.file("muse.md"), muse_markdown(muse.rows))
+        if muse.cells:
+            write_report(muse.cells, out / "report", title="obliviate MUSE bench")
+    return muse.rows
+
+
+class _MuseRuns:
+    """The MUSE bench's runs: per seed the target and retain model, then each method's scale steps and
+    sequential requests; ``rows`` and ``cells`` (the unlearning runs) grow as they finish."""
+
+    def __init__(self, cfg: BenchConfig, bench: MuseBenchmark, run: RunDir, progress: bool, echo):
+        self.cfg, self.bench, self.run, self.echo = cfg, bench, run, echo
+        self.common: dict[str, Any] = dict(dtype=cfg.dtype, progress=progress)
+        self.forget = bench.texts("forget")
+        self.sizes = scale_sizes(len(self.forget), cfg.scale) if cfg.scale else {}
+        self.parts = sequential_parts(len(self.forget), cfg.sequential) if cfg.sequential else []
+        self.retain_docs = bench.texts("retain").docs + (bench.texts("retain2").docs if bench.has("retain2") else [])
+        self.retain = documents_as_qa(TextCorpus(self.retain_docs, f"{bench.source}:raw/retain"))
+        self.rows: list[dict[str, Any]] = []
+        self.cells: list[Path] = []
+
+    def seed(self, seed: int) -> None:
+        cfg, run = self.cfg, self.run
+        self.echo(f"[obliviate] seed {seed}: finetuning the target on forget + retain, the retain model on retain")
+        full = documents_as_qa(TextCorpus(self.forget.docs + self.retain_docs,
+                                          f"{self.bench.source}:raw/forget+retain"))
+        recipe = {**cfg.finetune, "seed": seed}
+        target = api.finetune(cfg.model, full, run.file(f"target-s{seed}"), recipe, resume=True, **self.common)
+        retain_model = api.finetune(cfg.model, self.retain, run.file(f"retain-s{seed}"), recipe, resume=True,
+                                    **self.common)
+        retain_result = self.evaluate(run.path, f"retain-s{seed}", retain_model, None)
+        retain_auc = retain_result["privleak_auc"]
+        for name, result in (("retain", retain_result),
+                             ("target", self.evaluate(run.path, f"target-s{seed}", target, retain_auc))):
+            self.rows.append({"method": name, "mode": "base", "step": 0, "seed": seed, "forget_docs": 0,
+                              **muse_row(result), "cell": None})
+        for method in cfg.methods:
+            for step, n in self.sizes.items():
+                self.unlearn(method, seed, retain_auc, target, "scale", step, (0, n))
+            model = target
+            for step, part in enumerate(self.parts, 1):
+                model = self.unlearn(method, seed, retain_auc, model, "sequential", step, part)
+
+    def unlearn(self, method: MethodSpec, seed: int, retain_auc: float | None, model: Path, mode: str, step: int,
+                part: tuple[int, int]) -> Path:
+        """Unlearn forget documents ``part`` (start, end) from ``model`` into a cell, evaluate it, add its row."""
+        start, end = part
+        cell = self.run.file("cells", f"{method.label}-{'scale' if mode == 'scale' else 'seq'}{step}-s{seed}")
+        self.echo(f"[obliviate] {cell.name}: unlearning forget documents {start}..{end - 1}")
+        forget = documents_as_qa(TextCorpus(self.forget.docs[start:end],
+                                            f"{self.forget.source}[{start}:{end}] ({mode} {step})"))
+        path = api.unlearn(model, forget, self.retain, cell, method=method.name, method_options=method.options,
+                           train={**self.cfg.unlearn, "seed": seed}, resume=cell.exists(), wagle=method.wagle,
+                           guard=method.guard, **self.common)
+        result = self.evaluate(cell, "unlearned", path, retain_auc)
+        # Sequential requests accumulate: after step k, every document up to ``end`` has been unlearned.
+        self.rows.append({"method": method.label, "mode": mode, "step": step, "seed": seed,
+                          "forget_docs": end if mode == "sequential" else end - start, **muse_row(result),
+                          "cell": cell.name})
+        self.cells.append(cell)
+        return path
+
+    def evaluate(self, run_dir: Path, label: str, model: Path, retain_auc: float | None) -> dict[str, Any]:
+        """MUSE evaluation of a saved model into ``run_dir/muse/<label>.json``, or that file when a
+        previous run wrote it."""
+        path = RunDir(run_dir).file("muse", f"{label}.json")
+        if path.exists():
+            return read_json(path)
+        self.echo(f"[obliviate] MUSE evaluation of {model}")
+        cfg = self.cfg
+        result = evaluate_muse_model(model, self.bench, label=label, retain_auc=retain_auc, dtype=cfg.dtype,
+                                     batch_size=cfg.eval_batch_size, verbmem_max_new_tokens=cfg.verbmem_max_new_tokens,
+                                     knowmem_max_new_tokens=cfg.knowmem_max_new_tokens)
+        save_muse(result, run_dir, label, model=str(model))
+        return result
+
+
+def muse_markdown(rows: list[dict[str, Any]]) -> str:
+    body = [[r["method"], r["mode"], r["step"], r["seed"], r["forget_docs"],
+             *(format_number(r[k], SUMMARY) for k in ("verbmem_forget", "knowmem_forget", "knowmem_retain",
+                                                      "privleak"))] for r in rows]
+    return markdown_table(MUSE_HEADER, body) + "\n"

@@ -4,7 +4,8 @@
               -> evaluate oracle, then target (forget quality needs the oracle's truth ratios)
               -> unlearn the forget split from the target -> evaluate the unlearned model
               -> privacy of all three (MIA AUC forget vs holdout, PrivLeak vs the oracle, EM/ES)
-              -> table + verdict, written to the run directory
+              -> the two-sided verdict of each model (``evaluation.verdict``: forget vs holdout,
+                 under-unlearned / indistinguishable / over-unlearned), table + summary in words
 
 Each stage is its own run directory inside the pipeline's (``target/``, ``oracle/``, ``unlearn/``),
 so an interrupted pipeline resumes stage by stage with ``resume=True``.
@@ -19,16 +20,24 @@ from typing import Any
 from obliviate import api
 from obliviate.data.benchmark import Benchmark, load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
-from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model, load_eval, save_eval, summary_row
+from obliviate.evaluation import tofu
+from obliviate.evaluation.evaluate import (
+    eval_sets_from_benchmark,
+    evaluate_likelihoods,
+    load_eval,
+    logprob_utility,
+    save_eval,
+    summary_row,
+)
+from obliviate.evaluation.mia import DEFAULT_K
 from obliviate.evaluation.privacy import privacy_of_models, privacy_pairs, privacy_rows
 from obliviate.evaluation.sacrifice import sacrifice_rates
 from obliviate.evaluation.scores import ModelScores
-from obliviate.evaluation.tofu import forget_quality
-from obliviate.evaluation.verdict import PIPELINE_THRESHOLDS, Thresholds, pipeline_verdict
+from obliviate.evaluation.verdict import Evidence, Settings, log_prob_pairs, log_prob_values, run_verdict
 from obliviate.methods import Procedure, build_method
 from obliviate.models.loading import DEFAULT_MODEL, load_tokenizer
 from obliviate.reporting.model_card import model_card_info, write_model_card
-from obliviate.reporting.tables import SUMMARY, format_number, markdown_table
+from obliviate.reporting.tables import SUMMARY, format_number, markdown_table, verdict_summary
 from obliviate.runs import RunDir, atomic_write_json, atomic_write_text, read_json
 from obliviate.runs.fingerprint import dataset_fingerprint
 from obliviate.training import presets
@@ -47,14 +56,37 @@ class PipelineConfig:
     max_length: int = 512
     eval_batch_size: int = 32
     max_new_tokens: int = 200
-    thresholds: Thresholds = PIPELINE_THRESHOLDS  # what "forgotten" and "utility kept" mean
+    verdict: Settings = Settings()  # how the two-sided verdict judges (alpha, bands, tolerances)
     wagle: dict[str, Any] | str | None = None  # WAGLE options or a mask file (obliviate.attribution)
     guard: dict[str, Any] | str | None = None  # GUARD options or a weights file
+    # Calibrated unlearning against the holdout split (True, or evaluation.stopping.CalibrationOptions
+    # fields): stop where the forget rows look like never-seen rows; gradient methods only.
+    calibrate: dict[str, Any] | bool = False
 
 
-def verdict(rows: dict[str, dict[str, Any]], t: Thresholds) -> dict[str, Any]:
-    """The run's verdict (``evaluation.verdict.pipeline_verdict``), as ``certify`` judges too."""
-    return pipeline_verdict(rows, t)
+def verdict(evals: dict[str, dict], privacy: dict | None, settings: Settings | None = None) -> dict[str, Any]:
+    """The run's verdict (``evaluation.verdict.run_verdict``) from the evaluations and privacy results
+    this pipeline wrote, as ``certify`` and the report judge them from the same files."""
+    files = {f"eval:{label}": f"eval/{label}.json" for label in evals}
+    if privacy is not None:
+        files["privacy"] = "privacy.json"
+    return run_verdict(Evidence(evals=dict(evals), privacy=dict(privacy or {}), files=files), settings or Settings())
+
+
+def _with_holdout_truth_ratios(result: dict[str, Any], scores: ModelScores, holdout) -> bool:
+    """Add the holdout set's per-sample truth ratios to an ``eval.json`` dict that lacks them, from the
+    model's scores (the holdout's paraphrased and perturbed answers were scored as extra pairs): the
+    verdict's truth-ratio criterion compares them with the forget set's. False when nothing was added
+    (no perturbed answers on the holdout, or the evaluation has its truth ratios already)."""
+    held = result["sets"].get("holdout")
+    if held is None or held["per_sample"].get("truth_ratio_raw") is not None:
+        return False
+    ratios = log_prob_values(scores, holdout, DEFAULT_K)["truth_ratio"]
+    if ratios is None:
+        return False
+    held["per_sample"]["truth_ratio_raw"] = ratios
+    held["truth_ratio"] = tofu.aggregate_truth_ratio(ratios, forget=False)
+    return True
 
 
 def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineConfig, *, overwrite: bool = False,
@@ -78,7 +110,10 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
     shared = shared or {}
 
     scores: dict[str, ModelScores] = {}
-    privacy_needs = privacy_pairs(bench.split("forget"), bench.split("holdout")) if bench.has("holdout") else []
+    holdout = bench.split("holdout") if bench.has("holdout") else None
+    # The holdout's perturbed answers too, so its truth ratios come from the same scores.
+    privacy_needs = privacy_pairs(bench.split("forget"), holdout) + log_prob_pairs(holdout) \
+        if holdout is not None else []
 
     def evaluated(label: str, model_dir: Path, oracle=None) -> dict:
         # A cell keeps its own copy of every result so it is a complete run directory.
@@ -93,6 +128,8 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
         evaluation = api.evaluate_scored(model_dir, sets, run.path, label=label, oracle_eval=oracle,
                                          extra_pairs=privacy_needs, **eval_common)
         scores[label] = evaluation.scores  # privacy reads these instead of running the model again
+        if holdout is not None and _with_holdout_truth_ratios(evaluation.result, evaluation.scores, holdout):
+            save_eval(evaluation.result, path)
         if cache is not None:
             save_eval(evaluation.result, cache)
         return evaluation.result
@@ -117,13 +154,14 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
                 "unlearned": summary_row(unlearned_eval)}
         # The oracle against itself (p = 1 by construction), so the table has no hole.
         oracle_r = oracle_eval["sets"]["forget"]["per_sample"]["truth_ratio_raw"]
-        rows["oracle"]["forget_quality"] = forget_quality(oracle_r, oracle_r)
+        rows["oracle"]["forget_quality"] = tofu.forget_quality(oracle_r, oracle_r)
         for label, ev in (("oracle", oracle_eval), ("unlearned", unlearned_eval)):
             rows[label].update({f"sacrifice_{k}": v for k, v in sacrifice_rates(target_eval, ev).items()})
         if privacy is not None:
             for label, extra in privacy_rows(privacy, "oracle").items():
                 rows[label].update(extra)
-        result = {"models": rows, "verdict": verdict(rows, cfg.thresholds), "benchmark": bench.source}
+        evals = {"target": target_eval, "oracle": oracle_eval, "unlearned": unlearned_eval}
+        result = {"models": rows, "verdict": verdict(evals, privacy, cfg.verdict), "benchmark": bench.source}
         run.write_json("metrics.json", result)
         atomic_write_text(run.file("summary.md"), summary_markdown(result))
         # The unlearned checkpoint's card, now with the metrics (fingerprints only, never content).
@@ -133,13 +171,15 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
 
 
 class _Trajectory:
-    """Forget quality and model utility along the unlearning run, for the report's trade-off curve:
-    the target at step 0, a full evaluation every ``unlearn.eval_every`` optimizer steps (the loop's
-    ``on_eval``), and the unlearned model at the last step (its own evaluation, not repeated here);
-    written to ``trajectory.json`` after each point, so a resumed run keeps the points it has."""
+    """Forget quality and utility along the unlearning run, for the report's trade-off curve: the
+    target at step 0, the log-prob metrics every ``unlearn.eval_every`` optimizer steps (the loop's
+    ``on_eval``; no generation, so no ROUGE and no model utility there), and the unlearned model at
+    the last step (its own full evaluation, not repeated here); written to ``trajectory.json`` after
+    each point, so a resumed run keeps the points it has. Every point has ``logprob_utility`` (model
+    utility without ROUGE, the curve's y); ``generated`` says whether ROUGE and model utility exist."""
 
-    KEYS = ("forget_quality", "model_utility", "forget_rouge", "forget_probability", "forget_truth_ratio",
-            "retain_rouge")
+    KEYS = ("forget_quality", "model_utility", "logprob_utility", "forget_rouge", "forget_probability",
+            "forget_truth_ratio", "retain_rouge")
 
     def __init__(self, run: RunDir, target: Path, sets, oracle_eval: dict, target_eval: dict, cfg: PipelineConfig,
                  n_forget: int, resume: bool):
@@ -153,7 +193,8 @@ class _Trajectory:
 
     def _row(self, step: int, result: dict) -> dict:
         row = summary_row(result)
-        return {"step": step, **{k: row.get(k) for k in self.KEYS}}
+        return {"step": step, "generated": True, **{k: row.get(k) for k in self.KEYS},
+                "logprob_utility": logprob_utility(row)}
 
     def _write(self) -> None:
         if self.every:
@@ -171,12 +212,10 @@ class _Trajectory:
         if self.fmt is None:
             self.fmt = ChatFormat(load_tokenizer(str(self.target)), system_prompt=self.cfg.system_prompt,
                                   max_length=self.cfg.max_length)
-        was_training = model.training
-        model.eval()
-        result = evaluate_model(model, self.fmt.tokenizer, self.sets, fmt=self.fmt, batch_size=self.cfg.eval_batch_size,
-                                max_new_tokens=self.cfg.max_new_tokens, oracle=self.oracle_eval, progress=False)
-        model.train(was_training)
-        self.points[step] = self._row(step, result)
+        # log-prob metrics only: generation (ROUGE, model utility) runs for the final models alone
+        row = evaluate_likelihoods(model, self.sets, self.fmt, batch_size=self.cfg.eval_batch_size,
+                                   oracle=self.oracle_eval)
+        self.points[step] = {"step": step, "generated": False, **{k: row.get(k) for k in self.KEYS}}
         self._write()
 
     def finish(self, unlearned_eval: dict, unlearn_dir: Path) -> None:
@@ -189,9 +228,12 @@ class _Trajectory:
 
 def _unlearn(target: Path, bench: Benchmark, out: Path, cfg: PipelineConfig, resume: bool, common: dict,
              on_eval=None) -> Path:
+    # Calibrated against the holdout split; a benchmark without one says so (--no-calibrate runs without).
+    calibrate = cfg.calibrate and not isinstance(build_method(cfg.method, **cfg.method_options), Procedure)
     return api.unlearn(target, bench.split("forget"), bench.split("retain"), out, method=cfg.method,
                        method_options=cfg.method_options, train=cfg.unlearn, resume=resume, wagle=cfg.wagle,
-                       guard=cfg.guard, on_eval=on_eval, **common)
+                       guard=cfg.guard, on_eval=on_eval, holdout=bench.split("holdout") if calibrate else None,
+                       calibrate=cfg.calibrate if calibrate else False, **common)
 
 
 def _privacy(run: RunDir, bench: Benchmark, models: dict[str, Path], cfg: PipelineConfig, resume: bool,
@@ -222,29 +264,22 @@ def _eval_sets(bench: Benchmark):
     return eval_sets_from_benchmark(bench)
 
 
-COLUMNS = [("forget_quality", "forget quality"), ("model_utility", "model utility"), ("forget_rouge", "forget ROUGE-L"),
-           ("forget_probability", "forget prob."), ("forget_truth_ratio", "forget truth ratio"),
-           ("retain_rouge", "retain ROUGE-L")]
+COLUMNS = [("mia_auc_loss", "AUC LOSS"), ("mia_auc_zlib", "AUC zlib"), ("mia_auc_mink", "AUC Min-K%"),
+           ("mia_auc_minkpp", "AUC Min-K%++"), ("forget_quality", "forget quality"), ("model_utility", "model utility"),
+           ("forget_rouge", "forget ROUGE-L"), ("holdout_rouge", "holdout ROUGE-L"), ("retain_rouge", "retain ROUGE-L")]
 
 
 def summary_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The run's table (header, rows): a row per model, the :data:`COLUMNS` in the summary style;
-    what the CLI prints and summary.md holds."""
-    header = ["model"] + [title for _, title in COLUMNS]
-    rows = [[label] + [format_number(row.get(k), SUMMARY) for k, _ in COLUMNS]
+    """The run's table (header, rows): a row per model with its two-sided verdict (forget vs holdout)
+    and the :data:`COLUMNS` (membership AUCs forget vs holdout first: 0.5 is a never-seen set) in the
+    summary style; what the CLI prints and summary.md holds."""
+    calls = (result.get("verdict") or {}).get("by_model") or {}
+    header = ["model", "verdict"] + [title for _, title in COLUMNS]
+    rows = [[label, calls.get(label, "-")] + [format_number(row.get(k), SUMMARY) for k, _ in COLUMNS]
             for label, row in result["models"].items()]
     return header, rows
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
-    v = result["verdict"]
-    gap = v["forget_rouge_gap_to_oracle"]
-    lines = [markdown_table(*summary_table(result)), "",
-             (f"Forgotten: **{'yes' if v['forgotten'] else 'no'}** (forget quality "
-              f"{format_number(v['forget_quality'], SUMMARY)}, forget ROUGE "
-              f"{'-' if gap is None else f'{gap:+.3f}'} vs the oracle)."),
-             (f"Utility kept: **{'yes' if v['utility_kept'] else 'no'}** (unlearned / target model utility = "
-              f"{format_number(v['utility_ratio_to_target'], SUMMARY)})."),
-             "Target memorised the forget set: "
-             f"{'yes' if v['target_memorised'] else 'NO: unlearning is not meaningful'}."]
-    return "\n".join(lines) + "\n"
+    """summary.md: the table, then the verdict in words (``reporting.tables.verdict_summary``)."""
+    return "\n\n".join([markdown_table(*summary_table(result)), *verdict_summary(result["verdict"])]) + "\n"

@@ -27,6 +27,13 @@ is not given or did not know more than the unlearned model by m (nothing to reco
 means lower). ``oracle_gain`` is the oracle's change (m_oracle(T) - m_oracle(0)) in the same units
 and ``recovery_beyond_oracle`` their difference: what relearning restores beyond what the relearn
 set teaches a model that never knew.
+
+The oracle-free control: given a ``holdout`` set (rows of the same kind the model never saw, never
+in the relearn set), the same run also measures the holdout rows at each step (``holdout_<metric>``,
+per-sample values under ``per_sample[step]["holdout"]``). ``holdout_gain`` is their change
+(h(T) - h(0)) in the units of recovery and ``recovery_beyond_holdout`` the difference: what comes
+back beyond what the relearning teaches about rows the model never knew, without needing an oracle.
+``forget_change`` and ``holdout_change`` are the raw changes in the metric's own units.
 """
 
 from __future__ import annotations
@@ -37,21 +44,22 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
 from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import DataError, QADataset, QAExample, load_qa_file
 from obliviate.data.text import load_text_corpus, prefix_continuations
-from obliviate.evaluation.exposure import exposure_for_examples
-from obliviate.evaluation.generation import generate_answers
-from obliviate.evaluation.logprobs import score_pairs
+from obliviate.evaluation.exposure import exposure_from_scores, exposure_pairs
+from obliviate.evaluation.logprobs import score_and_generate
 from obliviate.evaluation.privacy import has_candidates
 from obliviate.evaluation.tofu import rouge_l_recall
 from obliviate.methods import build_method
 from obliviate.training.config import TrainConfig
 from obliviate.training.loop import train
+
+T = TypeVar("T")
 
 METRICS = ("forget_rouge", "forget_probability", "keyword_hit", "forget_nll")
 CURVE_METRICS = (*METRICS, "forget_exposure")  # exposure only when every held-out row has candidates
@@ -255,37 +263,59 @@ class RelearnConfig:
 
 def forget_metrics(model, fmt: ChatFormat, heldout: QADataset, keys: Sequence[Sequence[str]],
                    max_new_tokens: int = 64, batch_size: int = 32, with_exposure: bool = False) -> dict[str, Any]:
-    """The held-out forget metrics of one model (see the module doc), with per-sample values."""
+    """The held-out forget metrics of one model (see the module doc), with per-sample values; the
+    answers, the exposure candidates and the generations of a question share one prefill."""
     pairs = [(e.question, e.answer) for e in heldout]
-    nll = np.array([s.nll for s in score_pairs(model, fmt, pairs, batch_size)])
-    generations = generate_answers(model, fmt, [q for q, _ in pairs], max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size)
+    candidates = exposure_pairs(list(heldout), heldout.source) if with_exposure else []
+    scores, generations = score_and_generate(model, fmt, pairs + candidates, [q for q, _ in pairs],
+                                             max_new_tokens=max_new_tokens, batch_size=batch_size)
+    nll = np.array([s.nll for s in scores[:len(pairs)]])
     rouge = rouge_l_recall([a for _, a in pairs], generations)
     hits = [keyword_hit(g, k) for g, k in zip(generations, keys)]
     out: dict[str, Any] = {"forget_rouge": float(rouge.mean()), "forget_probability": float(np.exp(-nll).mean()),
            "keyword_hit": float(np.mean(hits)), "forget_nll": float(nll.mean())}
     if with_exposure:
-        out["forget_exposure"] = exposure_for_examples(model, fmt, heldout, batch_size)["exposure"]
+        out["forget_exposure"] = exposure_from_scores(list(heldout), scores[len(pairs):], heldout.source)["exposure"]
     out["per_sample"] = {"rouge": rouge.tolist(), "nll": nll.tolist(), "keyword_hit": hits,
                          "generation": generations}
     return out
 
 
-def relearn_curve(model, tokenizer, split: RelearnSplit, cfg: RelearnConfig, fmt: ChatFormat | None = None,
-                  progress: bool = False) -> dict[str, Any]:
-    """Relearn a copy of ``model`` on ``split.relearn``; held-out metrics at each of ``cfg.steps``.
+def control_name(metric: str) -> str:
+    """The holdout control's name of a curve metric: ``forget_rouge`` -> ``holdout_rouge``."""
+    return "holdout_" + metric.removeprefix("forget_")
 
-    The given model is not changed. Returns ``{"steps": [...], metric: [value per step] ...,
-    "per_sample": {step: {...}}}`` (metrics of :func:`forget_metrics`).
-    """
+
+def _measure(fmt: ChatFormat, heldout: QADataset, holdout: QADataset | None, cfg: RelearnConfig):
+    """model -> held-out forget metrics, with the holdout's (``holdout_<metric>``, per-sample values
+    under ``per_sample["holdout"]``) when a holdout set is given."""
+    sets = [(heldout, "forget_")] + ([(holdout, "holdout_")] if holdout is not None else [])
+    plans = [(ds, prefix, keywords(ds.examples, cfg.keyword_words), has_candidates(ds)) for ds, prefix in sets]
+
+    def measure(model) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for ds, prefix, keys, exposure in plans:
+            point = forget_metrics(model, fmt, ds, keys, cfg.max_new_tokens, cfg.eval_batch_size, exposure)
+            per_sample = point.pop("per_sample")
+            out.update({control_name(name) if prefix == "holdout_" else name: value for name, value in point.items()})
+            if prefix == "forget_":
+                out["per_sample"] = per_sample
+            else:
+                out["per_sample"]["holdout"] = per_sample
+        return out
+
+    return measure
+
+
+def relearn_points(model, tokenizer, relearn: QADataset, cfg: RelearnConfig, measure: Callable[[Any], T],
+                   fmt: ChatFormat | None = None, progress: bool = False) -> dict[int, T]:
+    """The relearning run: a copy of ``model`` finetuned on ``relearn`` (answer-only NLL at a constant
+    learning rate, :class:`RelearnConfig`), ``measure(model)`` at step 0 and at each of ``cfg.steps``;
+    ``{step: measurement}``. The given model is not changed. Every relearning evaluation rides on
+    this one loop: :func:`relearn_curve` measures held-out forget rows, ``benchmarks/bench_hazard.py``
+    multiple-choice accuracy. ``relearn`` may hold documents (``data.text.documents_as_qa``)."""
     fmt = fmt or ChatFormat(tokenizer)
-    if len(split.heldout) == 0 or len(split.relearn) == 0:
-        raise ValueError("both the relearn set and the held-out forget set must have rows")
-    keys = keywords(split.heldout.examples, cfg.keyword_words)
-    with_exposure = has_candidates(split.heldout)
-    measure = lambda m: forget_metrics(m, fmt, split.heldout, keys, cfg.max_new_tokens,  # noqa: E731
-                                       cfg.eval_batch_size, with_exposure)
-    points: dict[int, dict] = {}
+    points: dict[int, T] = {}
     work = copy.deepcopy(model)  # training moves weights in place (and LoRA injects adapters)
     points[0] = measure(work)
     if max(cfg.steps) > 0:
@@ -295,10 +325,28 @@ def relearn_curve(model, tokenizer, split: RelearnSplit, cfg: RelearnConfig, fmt
             if step in wanted:
                 points[step] = measure(m)
 
-        train(work, tokenizer, build_method("sft"), split.relearn, cfg.train_config(len(split.relearn)), fmt=fmt,
+        train(work, tokenizer, build_method("sft"), relearn, cfg.train_config(len(relearn)), fmt=fmt,
               on_eval=on_eval, progress=progress, description="relearn")
     del work
-    names = [m for m in CURVE_METRICS if m in points[0]]
+    return points
+
+
+def relearn_curve(model, tokenizer, split: RelearnSplit, cfg: RelearnConfig, fmt: ChatFormat | None = None,
+                  progress: bool = False, holdout: QADataset | None = None) -> dict[str, Any]:
+    """Relearn a copy of ``model`` on ``split.relearn``; held-out metrics at each of ``cfg.steps``.
+
+    The given model is not changed. Returns ``{"steps": [...], metric: [value per step] ...,
+    "per_sample": {step: {...}}}`` (metrics of :func:`forget_metrics`). ``holdout`` (rows never trained
+    on) adds the control: ``holdout_<metric>`` per step, per-sample values under ``per_sample[step]["holdout"]``.
+    """
+    fmt = fmt or ChatFormat(tokenizer)
+    if len(split.heldout) == 0 or len(split.relearn) == 0:
+        raise ValueError("both the relearn set and the held-out forget set must have rows")
+    if holdout is not None and len(holdout) == 0:
+        raise DataError(holdout.source, None, "the holdout set is empty")
+    points = relearn_points(model, tokenizer, split.relearn, cfg, _measure(fmt, split.heldout, holdout, cfg), fmt,
+                            progress)
+    names = [name for name in (*CURVE_METRICS, *map(control_name, CURVE_METRICS)) if name in points[0]]
     curve: dict[str, Any] = {"steps": list(cfg.steps)}
     for name in names:
         curve[name] = [points[s][name] for s in cfg.steps]
@@ -322,34 +370,45 @@ def summarise(curve: dict[str, Any], target: dict[str, Any] | None, oracle: dict
         goal = None if target is None else target.get(name)
         sign = KNOWLEDGE_SIGN[name]
         rec = None if goal is None else recovery(start, end, goal, sign)
-        entry = {"unlearned_start": start, "unlearned_end": end, "target": goal, "recovery": rec}
+        entry = {"unlearned_start": start, "unlearned_end": end, "target": goal, "recovery": rec,
+                 "forget_change": end - start}
         if oracle is not None and name in oracle:
             # The oracle's rise, in units of what unlearning removed from the unlearned model.
             gain = None if rec is None else (oracle[name][-1] - oracle[name][0]) / (goal - start)
             entry.update(oracle_start=oracle[name][0], oracle_end=oracle[name][-1], oracle_gain=gain,
                          recovery_beyond_oracle=None if rec is None or gain is None else rec - gain)
+        control = control_name(name)
+        if control in curve:
+            # The holdout rows' rise under the same relearning, in the same units: the oracle-free control.
+            h_start, h_end = curve[control][0], curve[control][-1]
+            gain = None if rec is None else (h_end - h_start) / (goal - start)
+            entry.update(holdout_start=h_start, holdout_end=h_end, holdout_change=h_end - h_start, holdout_gain=gain,
+                         recovery_beyond_holdout=None if rec is None or gain is None else rec - gain)
         by_metric[name] = entry
     if metric not in by_metric:
         raise ValueError(f"unknown summary metric '{metric}' (choose from {', '.join(by_metric)})")
     main = by_metric[metric]
     return {"metric": metric, "at_step": curve["steps"][-1], "recovery": main["recovery"],
             "oracle_gain": main.get("oracle_gain"), "recovery_beyond_oracle": main.get("recovery_beyond_oracle"),
+            "holdout_gain": main.get("holdout_gain"), "recovery_beyond_holdout": main.get("recovery_beyond_holdout"),
+            "forget_change": main["forget_change"], "holdout_change": main.get("holdout_change"),
             "by_metric": by_metric}
 
 
 def relearn_attack(unlearned, tokenizer, split: RelearnSplit, cfg: RelearnConfig | None = None, *, oracle=None,
                    target=None, fmt: ChatFormat | None = None, progress: bool = False,
-                   summary_metric: str = SUMMARY_METRIC) -> dict[str, Any]:
+                   summary_metric: str = SUMMARY_METRIC, holdout: QADataset | None = None) -> dict[str, Any]:
     """The attack on ``unlearned`` and, as the baseline, the same attack on ``oracle``.
 
-    ``target`` (the model before unlearning) gives the level full recovery means. Returns the
+    ``target`` (the model before unlearning) gives the level full recovery means; ``holdout`` (rows
+    never trained on) adds the oracle-free control, measured along the unlearned model's run. Returns the
     ``attacks/relearn.json`` layout: ``{"steps", "forget_rouge", "forget_probability", "keyword_hit",
     "forget_nll", ("forget_exposure"), "oracle": {same keys} | None, "target": {metric: value} | None,
     "summary": {...}, "relearn_set": {...}, "config": {...}, "per_sample": {...}}``.
     """
     cfg = cfg or RelearnConfig()
     fmt = fmt or ChatFormat(tokenizer)
-    result = relearn_curve(unlearned, tokenizer, split, cfg, fmt, progress)
+    result = relearn_curve(unlearned, tokenizer, split, cfg, fmt, progress, holdout)
     oracle_curve = relearn_curve(oracle, tokenizer, split, cfg, fmt, progress) if oracle is not None else None
     target_point = None
     if target is not None:
@@ -363,6 +422,8 @@ def relearn_attack(unlearned, tokenizer, split: RelearnSplit, cfg: RelearnConfig
     result["target"] = target_point
     result["summary"] = summarise(result, target_point, oracle_curve, summary_metric)
     result["relearn_set"] = split.describe()
+    if holdout is not None:
+        result["relearn_set"].update(n_holdout=len(holdout), holdout_source=holdout.source)
     result["config"] = cfg.to_dict()
     result["per_sample"] = result.pop("per_sample")  # last, the bulky part
     return result

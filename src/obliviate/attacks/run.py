@@ -148,14 +148,16 @@ def relearn_split(run: AttackRun, source: str = "forget_subset", *, fraction: fl
 
 def run_relearn(run: AttackRun, cfg=None, source: str = "forget_subset", progress: bool = False,
                 **split_options) -> dict:
-    """Relearning attack on the unlearned model and the oracle; writes ``attacks/relearn.json``."""
+    """Relearning attack on the unlearned model and the oracle, with the benchmark's holdout rows as
+    the oracle-free control when it has them; writes ``attacks/relearn.json``."""
     cfg = cfg or RelearnConfig()
     split = relearn_split(run, source, **split_options)
     model, tokenizer = run.load("unlearned")
     oracle = run.load("oracle")[0] if run.has("oracle") else None
     target = run.load("target")[0] if run.has("target") else None
+    holdout = run.benchmark.split("holdout") if run.benchmark.has("holdout") else None  # the oracle-free control
     result = relearn_attack(model, tokenizer, split, cfg, oracle=oracle, target=target, fmt=run.fmt(tokenizer),
-                            progress=progress)
+                            progress=progress, holdout=holdout)
     run.write("relearn", result)
     return result
 

@@ -169,7 +169,9 @@ def forget_gradient(model, fmt: ChatFormat, method: Composite, forget: QADataset
     for start in range(0, len(rows), batch_size):
         idx = list(range(start, min(start + batch_size, len(rows))))
         batch = to_device(collate([rows[i] for i in idx], idx, pad_id, sample_weights, ref_logps), device)
-        per_sample = objective(StepInputs(model=model, forget=batch, retain=None))
+        # At the current model the reference model is the model itself (as for ref_logps above).
+        per_sample = objective(StepInputs(model=model, forget=batch, retain=None,
+                                          ref_model=model if method.needs_ref_model else None))
         ((batch["weight"].to(per_sample) * per_sample).sum() / len(rows)).backward()
         _accumulate(params, grads)
     return grads

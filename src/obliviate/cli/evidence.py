@@ -206,47 +206,53 @@ def runs_mark_crashed(registry: RegistryOption = None) -> None:
 def certify(
     run: Annotated[Path, typer.Argument(help="The unlearn (or demo) run that carried out the deletion.",
                                         exists=True, file_okay=False)],
-    min_forget_quality: Annotated[Optional[float], typer.Option(help="Require forget quality >= this.")] = None,
-    mia_auc_min: Annotated[Optional[float], typer.Option(
-        help="Require the MIA AUC (forget vs holdout) >= this.")] = None,
-    mia_auc_max: Annotated[Optional[float], typer.Option(
-        help="Require the MIA AUC (forget vs holdout) <= this.")] = None,
-    max_abs_privleak: Annotated[Optional[float], typer.Option(help="Require |PrivLeak| <= this (percent).")] = None,
-    max_relearn_recovery: Annotated[Optional[float], typer.Option(help="Require relearning recovery <= this.")] = None,
-    max_utility_drop: Annotated[Optional[float], typer.Option(
-        help="Require (target utility - unlearned utility) / target utility <= this.")] = None,
+    alpha: Annotated[float, typer.Option(
+        help="Family-wise error rate of the verdict, shared by its statistical criteria (Bonferroni).")] = 0.05,
+    auc_band_min: Annotated[Optional[float], typer.Option(
+        help="Lower end of a fixed band for the membership AUCs (forget vs holdout); default: the band the "
+             "sample sizes give.")] = None,
+    auc_band_max: Annotated[Optional[float], typer.Option(help="Upper end of that band.")] = None,
+    utility_tolerance: Annotated[float, typer.Option(
+        help="Share of the utility before unlearning that may be lost before the model is over-unlearned.")] = 0.1,
+    quantise_tolerance: Annotated[float, typer.Option(
+        help="How far quantisation may move the forget - holdout ROUGE-L gap.")] = 0.05,
     label: Annotated[str, typer.Option(help="Which evaluated model is the unlearned one.")] = "unlearned",
-    mia_key: Annotated[str, typer.Option(
-        help="Summary-row key of the MIA AUC that --mia-auc-min/max judge (default: Min-K% 40).")] = "mia_auc_mink",
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o",
         help="Record path (.json) or folder (default: RUN/audit.json); an .html page is written beside it.")] = None,
     model_card: Annotated[bool, typer.Option(
         "--model-card/--no-model-card",
         help="Also write README.md (a model card with the record's hash) into the unlearned checkpoint.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit with status 1 unless the verdict is pass.")] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Exit with status 1 unless the verdict is indistinguishable.")] = False,
     sign_key: Annotated[Optional[Path], typer.Option(
         "--sign-key", help="Sign the record with this Ed25519 private key (PEM; `obliviate keygen` writes one), "
         "so that `verify --public-key` proves who certified it.", exists=True, dir_okay=False)] = None,
 ) -> None:
     """Write a hash-chained audit record of a deletion: fingerprints, configs, code version, metrics
-    and a verdict per threshold; optionally signed (Ed25519)."""
-    if (mia_auc_min is None) != (mia_auc_max is None):
-        raise UserError("give both --mia-auc-min and --mia-auc-max, or neither")
-    mia_auc_range = (mia_auc_min, mia_auc_max) if mia_auc_min is not None and mia_auc_max is not None else None
-    thresholds = audit.Thresholds(min_forget_quality=min_forget_quality, mia_auc_range=mia_auc_range,
-                                  max_abs_privleak=max_abs_privleak, max_relearn_recovery=max_relearn_recovery,
-                                  max_utility_drop=max_utility_drop, label=label, mia_key=mia_key)
+    and the two-sided verdict (forget set vs never-seen holdout rows: under-unlearned /
+    indistinguishable / over-unlearned per criterion); optionally signed (Ed25519)."""
+    if (auc_band_min is None) != (auc_band_max is None):
+        raise UserError("give both --auc-band-min and --auc-band-max, or neither")
+    band = (auc_band_min, auc_band_max) if auc_band_min is not None and auc_band_max is not None else None
+    settings = audit.Settings(alpha=alpha, auc_band=band, utility_tolerance=utility_tolerance,
+                              quantise_tolerance=quantise_tolerance, label=label)
     key = signing.load_private_key(sign_key) if sign_key is not None else None  # a bad key fails before writing
-    record = audit.certify(run, thresholds)
+    record = audit.certify(run, settings)
     if key is not None:
         record = signing.sign(record, key)
     json_path, html_path = audit.write_record(record, out or run / "audit.json")
     console = _console()
-    table = _table(None, ["criterion", "value", "threshold", "verdict"])
+    table = _table(None, ["criterion", "value", "interval", "band / required", "p-value", "call"])
     for e in record["entries"]:
-        if e["type"] == "check":
-            table.add_row(e["name"], format_number(e["value"]), f"{e['op']} {_threshold(e['threshold'])}", e["verdict"])
+        if e["type"] != "check":
+            continue
+        if e["op"] == audit.TWO_SIDED:
+            table.add_row(e["name"], format_number(e["value"]), _threshold(e.get("interval")),
+                          _threshold(e.get("band")), format_number(e.get("p_value")), e["verdict"])
+        else:
+            table.add_row(e["name"], format_number(e["value"]), "", f"{e['op']} {_threshold(e['threshold'])}", "",
+                          e["verdict"])
     console.print(table)
     verdict = audit.record_verdict(record)
     console.print(f"verdict: {verdict}\nrecord: {json_path}\npage: {html_path}\nhead: {record['head']}"
@@ -254,13 +260,13 @@ def certify(
     if model_card:
         card = write_model_card(unlearn_run_dir(run) / "model", model_card_info(run, record, json_path))
         console.print(f"model card: {card}")
-    if strict and verdict != "pass":
+    if strict and verdict != "indistinguishable":
         raise typer.Exit(1)
 
 
 def _threshold(value: Any) -> str:
     if isinstance(value, list):
-        return "[" + ", ".join(format_number(v) for v in value) + "]"
+        return "[" + ", ".join("inf" if v is None else format_number(v) for v in value) + "]"
     return format_number(value)
 
 

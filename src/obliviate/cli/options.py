@@ -14,8 +14,9 @@ import inspect
 import math
 import typing
 from dataclasses import fields
+from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 import yaml
@@ -23,6 +24,18 @@ import yaml
 from obliviate.errors import UserError
 from obliviate.options import coerce
 from obliviate.training.config import TrainConfig
+
+
+class ScoredTokens(str, Enum):
+    """What evaluation scores of each answer (``data.chat.SCORED_TOKENS``)."""
+
+    labels = "labels"
+    answer = "answer"
+
+
+ScoredTokensOption = Annotated[ScoredTokens, typer.Option(
+    help="Tokens scored per answer: 'labels' = the answer + its closing end-of-turn token (the training "
+         "labels, as TOFU's code and the field's reference framework score), 'answer' = the answer alone.")]
 
 # Where a parameter's value came from (click's ParameterSource names): these mean the user typed it.
 EXPLICIT_SOURCES = ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
@@ -49,6 +62,13 @@ TRAIN_HELP = {
     "merge_lora": "Save LoRA runs merged into the base model (else adapter only).",
     "log_with": "Also log steps to experiment trackers, comma-separated: tensorboard, mlflow (files under "
                 "RUN/tracking; needs `pip install obliviate[tracking]`).",
+    "sync_every": "Read logged values from the device every N optimizer steps (one host sync; the log still "
+                  "has every step).",
+    "check_every": "With --calibrate: score forget vs holdout every N optimizer steps (0: once per epoch).",
+    "sam_rho": "Sharpness-aware unlearning (Fan et al. 2025): perturb the weights by this radius along the "
+               "forget loss's gradient and take the forget gradient there; 0 = off.",
+    "smooth_sigma": "Randomized smoothing of the forget loss: std of Gaussian weight noise; 0 = off.",
+    "smooth_samples": "Randomized smoothing: noise draws per micro-batch.",
 }
 
 

@@ -5,7 +5,9 @@ tokenizer's own chat template (system prompt, user question, generation prompt);
 are tokenised separately and concatenated, so the answer's tokens are the same in training,
 scoring and generation. Labels are -100 on the prompt and padding: only the answer and the closing
 end-of-turn token are trained on (the end-of-turn token teaches the model to stop). Evaluation
-scores the answer tokens alone, as the TOFU definitions say (see ``evaluation.logprobs``).
+scores the same tokens by default (``scored_tokens="labels"``), as TOFU's original code and the
+field's reference framework do; ``scored_tokens="answer"`` scores the answer's tokens alone (see
+``evaluation.logprobs`` and docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
 IGNORE = -100
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 PLAIN_TEMPLATE = "Question: {question}\nAnswer: "
+# What evaluation scores of an answer: the training labels (answer + closing end-of-turn) or the
+# answer's tokens alone.
+SCORED_TOKENS = ("labels", "answer")
 
 
 @dataclass
@@ -31,6 +36,12 @@ class Encoded:
     labels: list[int]
     answer_start: int  # index of the first answer token in input_ids
     answer_len: int  # number of answer tokens, end-of-turn excluded
+    closed: bool = False  # the closing end-of-turn token follows the answer (and is in the labels)
+
+    @property
+    def scored_len(self) -> int:
+        """Tokens from ``answer_start`` that are in the labels: the answer, plus end-of-turn if closed."""
+        return self.answer_len + int(self.closed)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -43,16 +54,24 @@ class ChatFormat:
     tokenizer: PreTrainedTokenizerBase
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     max_length: int = 512
+    scored_tokens: str = "labels"  # one of SCORED_TOKENS: what evaluation scores of an answer
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.scored_tokens not in SCORED_TOKENS:
+            raise ValueError(f"scored_tokens must be one of {', '.join(SCORED_TOKENS)}, not {self.scored_tokens!r}")
 
     @property
     def end_of_turn_id(self) -> int:
-        tok = self.tokenizer
-        if tok.chat_template and "<|im_end|>" in tok.get_vocab():
-            return cast(int, tok.convert_tokens_to_ids("<|im_end|>"))  # one token in, one id out
-        if tok.eos_token_id is None:
-            raise ValueError("the tokenizer has no end-of-sequence token")
-        return tok.eos_token_id
+        if "eot" not in self._cache:  # get_vocab() builds the whole vocabulary: once, not per encoded pair
+            tok = self.tokenizer
+            if tok.chat_template and "<|im_end|>" in tok.get_vocab():
+                self._cache["eot"] = cast(int, tok.convert_tokens_to_ids("<|im_end|>"))  # one token in, one id out
+            elif tok.eos_token_id is None:
+                raise ValueError("the tokenizer has no end-of-sequence token")
+            else:
+                self._cache["eot"] = tok.eos_token_id
+        return self._cache["eot"]
 
     def prompt_text(self, question: str) -> str:
         tok = self.tokenizer
@@ -90,7 +109,12 @@ class ChatFormat:
         ids = prompt + tail
         if len(ids) > self.max_length:
             raise ValueError(f"prompt + answer is {len(ids)} tokens, longer than max_length {self.max_length}")
-        return Encoded(ids, [IGNORE] * len(prompt) + tail, len(prompt), len(ans))
+        return Encoded(ids, [IGNORE] * len(prompt) + tail, len(prompt), len(ans), closed=close)
+
+    def encode_scored(self, question: str, answer: str) -> Encoded:
+        """The pair as evaluation scores it: closed with end-of-turn unless ``scored_tokens="answer"``
+        (``Encoded.scored_len`` tokens from ``answer_start`` are scored)."""
+        return self.encode(question, answer, close=self.scored_tokens == "labels")
 
     def _encode_document(self, text: str) -> Encoded:
         ids = self.answer_ids(text)
@@ -122,6 +146,7 @@ def pad_batch(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "labels": labels,
         "answer_start": torch.tensor([x.answer_start for x in items]),
         "answer_len": torch.tensor([x.answer_len for x in items]),
+        "scored_len": torch.tensor([x.scored_len for x in items]),
     }
 
 

@@ -328,7 +328,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[_Where, Any]]:
         yield (None, i), row
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[_Where, Any]]:
+def raw_rows(path: Path) -> Iterator[tuple[_Where, Any]]:
     """Yield ((line, row), raw row) from a file; line numbers are what an editor shows."""
     readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
     suffix = path.suffix.lower()
@@ -357,7 +357,7 @@ def load_qa_file(path: str | Path, skip_bad: bool = False, max_answer_chars: int
     if not path.is_file():
         raise DataError(str(path), None, "file not found" if not path.exists() else "not a file")
     examples, skipped = [], []
-    for (line, row), raw in _raw_rows(path):
+    for (line, row), raw in raw_rows(path):
         try:
             if isinstance(raw, DataError):
                 raise raw

@@ -4,7 +4,10 @@ The layout follows TOFU (Maini et al., 2024, "TOFU: A Task of Fictitious Unlearn
 arXiv 2401.06121): fictitious entities, a handful of question-answer facts about each, a forget set
 made of all facts about a fraction of the entities, the retain set (the rest), a holdout set about
 entities never trained on, and evaluation copies of forget/retain with a paraphrased question, a
-paraphrased answer and perturbed (wrong) answers for the truth ratio. Unlike TOFU's LLM-written
+paraphrased answer and perturbed (wrong) answers for the truth ratio. The holdout rows carry the
+same paraphrased and perturbed answers as the forget rows (they are never trained on, so nothing
+needs a plain copy): the oracle-free verdict compares forget and holdout truth ratios
+(``evaluation.verdict``). Unlike TOFU's LLM-written
 biographies, everything here is drawn by this module from small hand-written pools (invented names
 built from syllables, invented places, titles, awards...), so any size can be generated offline and
 exactly reproduced: one seed gives byte-identical files.
@@ -564,7 +567,7 @@ def generate_benchmark(config: SyntheticConfig | None = None) -> dict[str, list[
         "full": rows(trained, False),
         "forget": rows(forget_entities, False),
         "retain": rows(retain_entities, False),
-        "holdout": rows(holdout_entities, False),
+        "holdout": rows(holdout_entities, True),  # evaluated like forget_perturbed, never trained on
         "forget_perturbed": rows(forget_entities, True),
         "retain_perturbed": rows(retain_eval, True),
         "real_authors_perturbed": real_authors(),

@@ -1,31 +1,35 @@
 """TOFU evaluation of one model: every answer scored once, every question answered once.
 
 All (question, answer) pairs of all sets (true, paraphrased and perturbed answers, identical pairs
-merged) go through one ``score_pairs`` call, and all questions through one ``generate_answers``
-call; every metric is then a pure function of those (``evaluation.tofu``). The result is an
+merged) and all questions go through one ``score_and_generate`` call, where each question's prompt
+is prefilled once for all its answers and its greedy generation (``evaluation.logprobs``); every
+metric is then a pure function of those (``evaluation.tofu``). The result is an
 :class:`~obliviate.evaluation.results.EvalResult` (``eval.json``, docs/ARCHITECTURE.md) and the
 scores themselves (:class:`~obliviate.evaluation.scores.ModelScores`), which membership inference,
-memorisation and exposure reuse instead of running the model again. Definitions: docs/metrics.md.
+memorisation and exposure reuse instead of running the model again. :func:`evaluate_likelihoods`
+is the same evaluation without generation (the log-prob metrics only), for checks along a training
+run. Definitions: docs/metrics.md.
 
 Metrics are those of TOFU (Maini et al. 2024, arXiv 2401.06121).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import DataError, QADataset, QAExample
 from obliviate.evaluation import tofu
-from obliviate.evaluation.distributed import generate_answers_distributed, score_pairs_distributed
-from obliviate.evaluation.generation import generate_answers
-from obliviate.evaluation.logprobs import TokenScores, score_pairs
+from obliviate.evaluation.distributed import score_and_generate_distributed, score_pairs_distributed
+from obliviate.evaluation.logprobs import TokenScores, score_and_generate, score_pairs
 from obliviate.evaluation.results import EvalResult, PerSample, SetResult
 from obliviate.evaluation.scores import ModelScores, Pair
 from obliviate.processes import processes
@@ -43,6 +47,9 @@ TRUTH_RATIO_SETS = ("forget", "retain", "real_authors", "world_facts")
 NORMALISED_SETS = ("real_authors", "world_facts")  # probability is the normalised one
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 UTILITY_METRICS = ("probability", "rouge", "truth_ratio")
+# Model utility without ROUGE (which needs generation): what an evaluation without generation can
+# give along a training run (evaluate_likelihoods); not TOFU's model utility.
+LOGPROB_UTILITY_METRICS = ("probability", "truth_ratio")
 
 
 @dataclass
@@ -66,7 +73,7 @@ class _Pairs:
         key = (question, answer)
         if key not in self._index:
             try:
-                self.fmt.encode(question, answer, close=False)
+                self.fmt.encode_scored(question, answer)
             except ValueError as exc:
                 raise DataError(source, row, f"{field}: {exc}") from None
             self._index[key] = len(self.pairs)
@@ -109,8 +116,19 @@ def _plan(name: str, ds: QADataset, pairs: _Pairs) -> _SetPlan:
     return _SetPlan(answer=answer, base=bases if with_ratio else None, perturbed=perturbed if with_ratio else None)
 
 
-def _set_result(name: str, ds: QADataset, plan: _SetPlan, scores: list[TokenScores],
-                generations: list[str]) -> SetResult:
+@dataclass
+class _Likelihoods:
+    """One set's log-prob metrics, per sample."""
+
+    answer: list[TokenScores]
+    probability: np.ndarray
+    ratios: np.ndarray | None  # raw truth ratios; None for sets without one
+
+    def truth_ratio(self, name: str) -> float | None:
+        return None if self.ratios is None else tofu.aggregate_truth_ratio(self.ratios, forget=name == "forget")
+
+
+def _likelihoods(name: str, plan: _SetPlan, scores: list[TokenScores]) -> _Likelihoods:
     answer = [scores[i] for i in plan.answer]
     perturbed, ratios = None, None
     if plan.base is not None and plan.perturbed is not None:  # both or neither (_plan)
@@ -121,12 +139,19 @@ def _set_result(name: str, ds: QADataset, plan: _SetPlan, scores: list[TokenScor
         prob = tofu.normalised_probability(answer, perturbed)
     else:
         prob = tofu.length_normalised_probability(answer)
+    return _Likelihoods(answer, prob, ratios)
+
+
+def _set_result(name: str, ds: QADataset, plan: _SetPlan, scores: list[TokenScores],
+                generations: list[str]) -> SetResult:
+    lik = _likelihoods(name, plan, scores)
+    answer, prob, ratios = lik.answer, lik.probability, lik.ratios
     rouge = tofu.rouge_l_recall([ex.answer for ex in ds.examples], generations)
     return SetResult(
         n=len(ds),
         probability=float(prob.mean()),
         rouge=float(rouge.mean()),
-        truth_ratio=None if ratios is None else tofu.aggregate_truth_ratio(ratios, forget=name == "forget"),
+        truth_ratio=lik.truth_ratio(name),
         per_sample=PerSample(
             probability=prob.tolist(),
             rouge=rouge.tolist(),
@@ -138,7 +163,8 @@ def _set_result(name: str, ds: QADataset, plan: _SetPlan, scores: list[TokenScor
     )
 
 
-def _oracle_ratios(oracle: EvalResult | Mapping[str, Any]) -> list[float]:
+def _oracle_ratios(oracle: EvalResult | Mapping[str, Any], scored_tokens: str) -> list[float]:
+    """The oracle's per-sample forget truth ratios, checked to be scored like this evaluation's."""
     if isinstance(oracle, EvalResult):
         oracle = oracle.to_json()
     try:
@@ -149,6 +175,12 @@ def _oracle_ratios(oracle: EvalResult | Mapping[str, Any]) -> list[float]:
     if not isinstance(ratios, list) or not ratios:
         raise ValueError("the oracle result's forget-set truth ratios are missing or empty "
                          "(its forget set needs paraphrased and perturbed answers)")
+    # Results written before the option existed scored the answer's tokens alone.
+    oracle_scored = oracle.get("scored_tokens", "answer")
+    if oracle_scored != scored_tokens:
+        raise DataError(f"the oracle result ({oracle.get('model', 'no model name')})", None,
+                        f"it scored {oracle_scored!r} tokens, this evaluation {scored_tokens!r}: truth ratios "
+                        f"are not comparable; evaluate the oracle again with --scored-tokens {scored_tokens}")
     return [float(r) for r in ratios]
 
 
@@ -162,6 +194,36 @@ def utility_from_sets(sets: Mapping[str, SetResult | Mapping[str, Any]]) -> floa
     if any(v is None for v in values):
         return None
     return tofu.model_utility(values)
+
+
+def logprob_utility(row: Mapping[str, Any]) -> float | None:
+    """Model utility without ROUGE, from a summary row (:func:`summary_row`'s keys): the harmonic
+    mean of probability and truth ratio on retain, real_authors and world_facts (0 when one is 0);
+    None when one is missing. Not TOFU's model utility: what an evaluation without generation gives."""
+    values = [row.get(f"{name}_{metric}") for name in UTILITY_SETS for metric in LOGPROB_UTILITY_METRICS]
+    if any(v is None or not math.isfinite(v) or v < 0 for v in values):
+        return None
+    numbers = [float(v) for v in values if v is not None]
+    return 0.0 if min(numbers) == 0 else len(numbers) / sum(1 / v for v in numbers)
+
+
+def check_length_budget(length_budget: float | None) -> None:
+    if length_budget is not None and not (math.isfinite(length_budget) and length_budget > 0):
+        raise ValueError(f"the length budget (--length-budget) must be a positive number, a factor of each set's "
+                         f"longest answer in tokens; got {length_budget}")
+
+
+def set_token_budgets(sets: Mapping[str, QADataset], fmt: ChatFormat, max_new_tokens: int,
+                      length_budget: float | None) -> dict[str, int]:
+    """Each set's generation budget: ``max_new_tokens``, or with ``length_budget`` (a factor) that
+    many times the set's longest reference answer in tokens, rounded up and at most ``max_new_tokens``.
+    TOFU's answers are short; a budget from the set's own answers stops runaway generations early."""
+    check_length_budget(length_budget)
+    if length_budget is None:
+        return {name: max_new_tokens for name in sets}
+    return {name: max(1, min(max_new_tokens, math.ceil(length_budget * max(len(fmt.answer_ids(ex.answer))
+                                                                           for ex in ds.examples))))
+            for name, ds in sets.items()}
 
 
 @contextmanager
@@ -191,7 +253,7 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
                          batch_size: int = 32, max_new_tokens: int = 200,
                          oracle: EvalResult | Mapping[str, Any] | None = None, progress: bool = True,
                          label: str | None = None, distributed: bool = False,
-                         extra_pairs: Sequence[Pair] = ()) -> Evaluation:
+                         extra_pairs: Sequence[Pair] = (), length_budget: float | None = None) -> Evaluation:
     """TOFU metrics of ``model`` on ``sets`` (any of forget, retain, real_authors, world_facts,
     plus extra sets such as holdout, which get probability and ROUGE only), and the scores.
 
@@ -208,19 +270,22 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
     ``distributed=True`` (under ``accelerate launch``, the whole model on each process's device)
     splits the scoring and generation batches across the processes (``evaluation.distributed``);
     every process returns the full result, the same as one process's.
+
+    ``length_budget`` (a factor; default off) bounds each set's generations by its own answers'
+    lengths (:func:`set_token_budgets`); the budgets are recorded as ``max_new_tokens_per_set``.
     """
     start = time.perf_counter()
-    score, generate = score_pairs, generate_answers
+    score, score_generate = score_pairs, score_and_generate
     if distributed:
-        score, generate = score_pairs_distributed, generate_answers_distributed
+        score, score_generate = score_pairs_distributed, score_and_generate_distributed
         progress = progress and processes().is_main_process
     if not sets:
         raise ValueError("no evaluation sets given")
     for name, ds in sets.items():
         if len(ds) == 0:
             raise DataError(ds.source, None, f"the {name} set is empty")
-    oracle_ratios = _oracle_ratios(oracle) if oracle is not None and "forget" in sets else None
     fmt = fmt or ChatFormat(tokenizer)
+    oracle_ratios = _oracle_ratios(oracle, fmt.scored_tokens) if oracle is not None and "forget" in sets else None
     label = label or getattr(model, "name_or_path", None) or type(model).__name__
 
     pairs = _Pairs(fmt)
@@ -229,16 +294,21 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
         raise DataError(sets["forget"].source, None, "forget quality needs paraphrased and perturbed "
                         "answers in the forget set")
     questions = list(dict.fromkeys(ex.question for ds in sets.values() for ex in ds.examples))
+    set_budgets = set_token_budgets(sets, fmt, max_new_tokens, length_budget)
+    budget_of: dict[str, int] = {}
+    for name, ds in sets.items():
+        for ex in ds.examples:
+            budget_of[ex.question] = max(budget_of.get(ex.question, 0), set_budgets[name])
     model_scores = ModelScores.empty(fmt, label)
 
     with _progress(progress) as track:
-        scores = score(model, fmt, pairs.pairs, batch_size=batch_size,
-                       progress=track("scoring answers", len(pairs.pairs)))
+        scores, answers = score_generate(model, fmt, pairs.pairs, questions, [budget_of[q] for q in questions],
+                                         batch_size=batch_size,
+                                         score_progress=track("scoring answers", len(pairs.pairs)),
+                                         generate_progress=track("generating answers", len(questions)))
         model_scores.add(pairs.pairs, scores)
         model_scores.scored = len(pairs.pairs)
         model_scores.ensure(model, fmt, list(extra_pairs), batch_size=batch_size, score=score)
-        answers = generate(model, fmt, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           progress=track("generating answers", len(questions)))
     answer_of = dict(zip(questions, answers))
     model_scores.generations.update(answer_of)
 
@@ -248,18 +318,50 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
     forget_ratios = results["forget"].per_sample.truth_ratio_raw if "forget" in results else None
     if oracle_ratios is not None and forget_ratios is not None:  # the plan check above: both or neither
         quality = tofu.forget_quality(forget_ratios, oracle_ratios)
+    extra: dict[str, Any] = {"scored_tokens": fmt.scored_tokens}
+    if length_budget is not None:
+        extra["max_new_tokens_per_set"] = set_budgets
     result = EvalResult(model=label, sets=results, forget_quality=quality, model_utility=utility_from_sets(results),
-                        seconds=time.perf_counter() - start)
+                        seconds=time.perf_counter() - start, extra=extra)
     return Evaluation(result, model_scores)
+
+
+def evaluate_likelihoods(model, sets: dict[str, QADataset], fmt: ChatFormat, batch_size: int = 32,
+                         oracle: EvalResult | Mapping[str, Any] | None = None) -> dict[str, float | None]:
+    """The log-prob metrics of :func:`evaluate_with_scores`, without generation: a summary row
+    (:func:`summary_row`'s keys) with each set's probability and truth ratio and forget quality as
+    the full evaluation computes them, ROUGE and model utility None (they need generated answers),
+    and ``logprob_utility`` (:func:`logprob_utility`). For checks along a training run (the
+    pipeline's trajectory points), where a full evaluation each time would cost generations."""
+    if not sets:
+        raise ValueError("no evaluation sets given")
+    oracle_ratios = _oracle_ratios(oracle, fmt.scored_tokens) if oracle is not None and "forget" in sets else None
+    pairs = _Pairs(fmt)
+    plans = {name: _plan(name, ds, pairs) for name, ds in sets.items()}
+    scores = score_pairs(model, fmt, pairs.pairs, batch_size=batch_size)
+    row: dict[str, float | None] = {}
+    order = (["forget"] if "forget" in sets else []) + [name for name in sets if name != "forget"]
+    for i, name in enumerate(order):
+        lik = _likelihoods(name, plans[name], scores)
+        row.update({f"{name}_rouge": None, f"{name}_probability": float(lik.probability.mean()),
+                    f"{name}_truth_ratio": lik.truth_ratio(name)})
+        if i == 0:
+            quality = None
+            if name == "forget" and oracle_ratios is not None and lik.ratios is not None:
+                quality = tofu.forget_quality(lik.ratios.tolist(), oracle_ratios)
+            row.update(forget_quality=quality, model_utility=None)
+    row["logprob_utility"] = logprob_utility(row)
+    return row
 
 
 def evaluate_model(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat | None = None,
                    batch_size: int = 32, max_new_tokens: int = 200,
                    oracle: EvalResult | Mapping[str, Any] | None = None, progress: bool = True,
-                   label: str | None = None, distributed: bool = False) -> dict[str, Any]:
+                   label: str | None = None, distributed: bool = False,
+                   length_budget: float | None = None) -> dict[str, Any]:
     """:func:`evaluate_with_scores`, returning only the result, as its ``eval.json`` dict."""
     return evaluate_with_scores(model, tokenizer, sets, fmt, batch_size, max_new_tokens, oracle, progress, label,
-                                distributed).result.to_json()
+                                distributed, length_budget=length_budget).result.to_json()
 
 
 def save_eval(result: EvalResult | Mapping[str, Any], path: str | Path) -> Path:

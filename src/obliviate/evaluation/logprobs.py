@@ -1,22 +1,35 @@
 """Per-token log-probabilities of answers, computed once per (question, answer) pair.
 
 Every likelihood metric (probability, truth ratio, memorisation, membership inference, exposure)
-is a function of these arrays, so each evaluation runs one teacher-forced forward pass per answer
-and keeps, for each answer token: its log-prob, whether it is the argmax, and the mean and standard
-deviation of log-probs under the model's own next-token distribution (needed by Min-K%++).
-Only the answer's tokens are scored (the closing end-of-turn is not), as in
-../shared/docs/metrics-reference.md.
+is a function of these arrays, so each evaluation scores each answer once and keeps, for each
+answer token: its log-prob, whether it is the argmax, and the mean and standard deviation of
+log-probs under the model's own next-token distribution (needed by Min-K%++).
+The scored tokens are the training labels, the answer and its closing end-of-turn token, as TOFU's
+original code and the field's reference framework score them (``ChatFormat.scored_tokens="labels"``,
+the default); ``scored_tokens="answer"`` scores the answer's tokens alone (docs/metrics.md).
+
+The work is only what the scores need (``evaluation.forward``): the distinct prompts of a batch of
+questions run once, and every answer to those questions (true, paraphrased, perturbed, candidates)
+continues from its prompt's KV cache, so a prompt is not recomputed per answer; the question's greedy
+generation continues from the same prefill (:func:`score_and_generate`). The output layer runs only
+at the scored positions (the prompt's last position once per question, since it predicts the first
+token of every answer), a bounded number of positions at a time. Documents (an empty question,
+``data.text``) have no prompt to share and are scored by one forward pass each, in padded batches.
+The numbers equal those of one unpadded forward pass per pair up to float rounding (within 1e-5 on
+a CPU in float32; tests/test_fast_scoring.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence, cast
 
 import numpy as np
 import torch
 
-from obliviate.data.chat import ChatFormat, length_grouped_batches, pad_batch
+from obliviate.data.chat import ChatFormat, Encoded, length_grouped_batches, pad_batch
+from obliviate.evaluation.forward import Prefill, Runner, position_stats, prefill, select_rows
+from obliviate.evaluation.generation import answer_text, budgets_for, decode, pad_token_id, stop_token_ids
 
 
 @dataclass
@@ -42,48 +55,233 @@ class TokenScores:
         return len(self.logprobs)
 
 
-@torch.no_grad()
-def score_views(model, batch: dict[str, torch.Tensor]) -> list[TokenScores]:
-    """Score the answer tokens (excluding end-of-turn) of one padded batch from ``pad_batch``."""
-    device = next(model.parameters()).device
-    ids = batch["input_ids"].to(device)
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+# ----------------------------------------------------------------------------------------------
+# the plan: which pairs and questions go through which prefill
+
+
+@dataclass
+class Batch:
+    """One unit of work: the distinct ``prompts`` (questions) prefilled together, the ``pairs``
+    (indices into the call's pairs) scored from them and the ``generate`` questions (indices into
+    the call's questions) answered from them; or, with no prompts, a batch of document pairs."""
+
+    prompts: list[str] = field(default_factory=list)
+    pairs: list[int] = field(default_factory=list)
+    generate: list[int] = field(default_factory=list)
+
+
+def plan_batches(fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questions: Sequence[str] = (),
+                 batch_size: int = 32) -> list[Batch]:
+    """The batches :func:`score_and_generate` runs, in order: up to ``batch_size`` distinct prompts
+    of similar length per batch (length-grouped, no shuffling), with every pair and generation of
+    those prompts; then the documents (pairs with an empty question), ``batch_size`` per batch.
+    Deterministic, so every process of a distributed evaluation forms the same batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    by_prompt: dict[str, list[int]] = {}
+    documents: list[int] = []
+    for i, (q, _) in enumerate(pairs):
+        if q:
+            by_prompt.setdefault(q, []).append(i)
+        else:
+            documents.append(i)
+    generate: dict[str, list[int]] = {}
+    for j, q in enumerate(questions):
+        generate.setdefault(q, []).append(j)
+    prompts = list(dict.fromkeys([*by_prompt, *generate]))
+    batches = []
+    for idx in length_grouped_batches([len(fmt.prompt_ids(q)) for q in prompts], batch_size, shuffle=False):
+        chosen = [prompts[k] for k in idx]
+        batches.append(Batch(chosen, [i for q in chosen for i in by_prompt.get(q, ())],
+                             [j for q in chosen for j in generate.get(q, ())]))
+    if documents:
+        lengths = [len(fmt.encode_scored(*pairs[i])) for i in documents]
+        batches += [Batch(pairs=[documents[k] for k in idx])
+                    for idx in length_grouped_batches(lengths, batch_size, shuffle=False)]
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------
+# running one batch
+
+
+def _token_scores(targets: list[int], logprobs: np.ndarray, argmax: np.ndarray, mean: np.ndarray,
+                  std: np.ndarray) -> TokenScores:
+    ids = np.asarray(targets, dtype=np.int64)
+    return TokenScores(logprobs=logprobs, argmax_match=argmax == ids, dist_mean=mean, dist_std=std, token_ids=ids)
+
+
+def _scored(e: Encoded) -> list[int]:
+    return e.input_ids[e.answer_start:e.answer_start + e.scored_len]
+
+
+def _score_from_prefill(runner: Runner, pre: Prefill, owner: list[int], encoded: list[Encoded], pad_id: int,
+                        rows_per_pass: int) -> list[TokenScores]:
+    """Scores of answers continuing prefilled prompts: ``owner[r]`` is the prefill row of
+    ``encoded[r]``'s prompt.
+
+    The prompt's last position predicts each answer's first scored token: its distribution is
+    computed once per prompt. Each answer's remaining scored positions come from one pass over its
+    tokens (all but the last scored one, which predicts nothing that is read) after its prompt's
+    cache, ``rows_per_pass`` answers at a time, longest first."""
+    device = runner.device
+    targets = [_scored(e) for e in encoded]
+    first = position_stats(runner, pre.last, torch.tensor(owner, device=device),
+                           torch.tensor([t[0] for t in targets], device=device))
+    first_lp = first.target_logprob.cpu().numpy()
+    first_argmax, first_mean, first_std = (x.cpu().numpy() for x in (first.argmax, first.mean, first.std))
+    rest: list[tuple[np.ndarray, ...]] = [(np.zeros(0, np.float32),) * 4] * len(encoded)
+    ordered = sorted((r for r in range(len(encoded)) if len(targets[r]) > 1), key=lambda r: -len(targets[r]))
+    for c in range(0, len(ordered), rows_per_pass):
+        rows = ordered[c:c + rows_per_pass]
+        width = len(targets[rows[0]]) - 1
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        real = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            n = len(targets[r]) - 1
+            ids[k, :n] = torch.tensor(targets[r][:n])
+            real[k, :n] = 1
+        ids, real = ids.to(device), real.to(device)
+        prompt_rows = torch.tensor([owner[r] for r in rows], device=device)
+        mask = torch.cat([pre.mask[prompt_rows], real], dim=1)
+        positions = pre.lengths[prompt_rows][:, None] + torch.arange(width, device=device)
+        states, _ = runner.states(ids, mask, positions, select_rows(pre.cache, prompt_rows))
+        flat = states[real.bool()]  # row by row, each row's real positions in order
+        wanted = torch.tensor([t for r in rows for t in targets[r][1:]], device=device)
+        stats = position_stats(runner, flat, torch.arange(len(wanted), device=device), wanted)
+        lp, am, mean, std = (x.cpu().numpy() for x in (stats.target_logprob, stats.argmax, stats.mean, stats.std))
+        start = 0
+        for r in rows:
+            n = len(targets[r]) - 1
+            rest[r] = (lp[start:start + n], am[start:start + n], mean[start:start + n], std[start:start + n])
+            start += n
     out = []
-    for i in range(ids.shape[0]):
-        start, n = int(batch["answer_start"][i]), int(batch["answer_len"][i])
-        # logits at position t predict token t+1
-        row = logits[i, start - 1:start - 1 + n].float()
-        logp = torch.log_softmax(row, dim=-1)
-        target = ids[i, start:start + n]
-        tok_lp = logp.gather(-1, target[:, None]).squeeze(-1)
-        p = logp.exp()
-        mean = (p * logp).sum(-1)
-        var = (p * (logp - mean[:, None]).pow(2)).sum(-1)  # centred: no cancellation on flat rows
-        out.append(TokenScores(
-            logprobs=tok_lp.cpu().numpy(),
-            argmax_match=(logp.argmax(-1) == target).cpu().numpy(),
-            dist_mean=mean.cpu().numpy(),
-            dist_std=var.clamp_min(0).sqrt().cpu().numpy(),
-            token_ids=target.cpu().numpy(),
-        ))
+    for r in range(len(encoded)):
+        q = owner[r]
+        lp, am, mean, std = rest[r]
+        out.append(_token_scores(targets[r], np.concatenate([[first_lp[r]], lp]).astype(np.float32),
+                                 np.concatenate([[first_argmax[q]], am]).astype(np.int64),
+                                 np.concatenate([[first_mean[q]], mean]).astype(np.float32),
+                                 np.concatenate([[first_std[q]], std]).astype(np.float32)))
     return out
+
+
+def _score_documents(runner: Runner, encoded: list[Encoded], pad_id: int) -> list[TokenScores]:
+    """Scores of pairs without a prompt to share (documents): one right-padded forward pass, the
+    output layer at the scored positions only."""
+    device = runner.device
+    batch = pad_batch(encoded, pad_id)
+    states, _ = runner.states(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    # position t predicts token t + 1
+    where = [(i, t) for i, e in enumerate(encoded)
+             for t in range(e.answer_start - 1, e.answer_start - 1 + e.scored_len)]
+    rows = torch.tensor([i for i, _ in where], device=device)
+    cols = torch.tensor([t for _, t in where], device=device)
+    targets = [_scored(e) for e in encoded]
+    wanted = torch.tensor([t for ts in targets for t in ts], device=device)
+    stats = position_stats(runner, states[rows, cols], torch.arange(len(wanted), device=device), wanted)
+    lp, am, mean, std = (x.cpu().numpy() for x in (stats.target_logprob, stats.argmax, stats.mean, stats.std))
+    out, start = [], 0
+    for ts in targets:
+        n = len(ts)
+        out.append(_token_scores(ts, lp[start:start + n], am[start:start + n], mean[start:start + n],
+                                 std[start:start + n]))
+        start += n
+    return out
+
+
+@torch.no_grad()
+def run_batch(runner: Runner, fmt: ChatFormat, batch: Batch, pairs: Sequence[tuple[str, str]],
+              encoded: Sequence[Encoded], questions: Sequence[str], budgets: Sequence[int], batch_size: int
+              ) -> tuple[list[TokenScores], list[list[int]]]:
+    """The scores of ``batch.pairs`` and the generated token ids of ``batch.generate``, in those
+    orders (``encoded[i]`` is ``pairs[i]`` as scored, ``budgets[j]`` the token budget of
+    ``questions[j]``): the prompts are prefilled once, the answers scored from the prefill, then
+    the generations decoded from it. Identical pairs are scored once, a question asked twice is
+    answered once (greedy: a shorter budget's answer is the longer one's prefix)."""
+    pad_id = pad_token_id(fmt)
+    if not batch.prompts:
+        return _score_documents(runner, [encoded[i] for i in batch.pairs], pad_id), []
+    pre = prefill(runner, [fmt.prompt_ids(q) for q in batch.prompts], pad_id)
+    row_of = {q: k for k, q in enumerate(batch.prompts)}
+    unique = list(dict.fromkeys(pairs[i] for i in batch.pairs))
+    first_of: dict[tuple[str, str], int] = {}
+    for i in batch.pairs:
+        first_of.setdefault(pairs[i], i)
+    scored = _score_from_prefill(runner, pre, [row_of[q] for q, _ in unique], [encoded[first_of[p]] for p in unique],
+                                 pad_id, batch_size) if unique else []
+    score_of = dict(zip(unique, scored))
+    generations: list[list[int]] = []
+    if batch.generate:
+        budget_of: dict[str, int] = {}
+        for j in batch.generate:
+            budget_of[questions[j]] = max(budget_of.get(questions[j], 0), budgets[j])
+        asked = list(budget_of)
+        rows = [row_of[q] for q in asked]
+        if rows != list(range(len(batch.prompts))):  # only some prompts are answered: a copy of their rows
+            index = torch.tensor(rows, device=runner.device)
+            pre = Prefill(pre.last[index], select_rows(pre.cache, index), pre.mask[index], pre.lengths[index])
+        tokens = dict(zip(asked, decode(runner, pre, [budget_of[q] for q in asked], stop_token_ids(fmt))))
+        generations = [tokens[questions[j]][:budgets[j]] for j in batch.generate]
+    return [score_of[pairs[i]] for i in batch.pairs], generations
+
+
+# ----------------------------------------------------------------------------------------------
+# whole calls
+
+
+def run_batches(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questions: Sequence[str],
+                budgets: Sequence[int], batch_size: int, batches: Sequence[Batch],
+                on_batch: Callable[[Batch, list[TokenScores], list[list[int]]], None]) -> None:
+    """Run ``batches`` (from :func:`plan_batches` for these pairs and questions) in eval mode,
+    handing each batch's results to ``on_batch``; the model's train/eval mode is restored after."""
+    encoded = [fmt.encode_scored(q, a) for q, a in pairs]  # a pair too long fails before any model work
+    if not batches:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        runner = Runner(model)
+        for batch in batches:
+            on_batch(batch, *run_batch(runner, fmt, batch, pairs, encoded, questions, budgets, batch_size))
+    finally:
+        model.train(was_training)
+
+
+def score_and_generate(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questions: Sequence[str],
+                       max_new_tokens: int | Sequence[int] = 200, batch_size: int = 32,
+                       score_progress: Callable[[int], None] | None = None,
+                       generate_progress: Callable[[int], None] | None = None) -> tuple[list[TokenScores], list[str]]:
+    """TokenScores of each (question, answer) pair and the greedy answer to each of ``questions``
+    (as ``generation.generate_answers`` gives it; ``max_new_tokens`` is one budget or one per
+    question), both in input order, every prompt prefilled once for its answers and its generation.
+
+    Raises ValueError for a pair longer than the format's ``max_length``. ``score_progress(n)`` and
+    ``generate_progress(n)`` are called after each batch with its numbers of pairs and questions."""
+    budgets = budgets_for(max_new_tokens, len(questions))
+    scores: list[TokenScores | None] = [None] * len(pairs)
+    answers: list[str | None] = [None] * len(questions)
+
+    def keep(batch: Batch, batch_scores: list[TokenScores], generations: list[list[int]]) -> None:
+        for i, s in zip(batch.pairs, batch_scores):
+            scores[i] = s
+        for j, tokens in zip(batch.generate, generations):
+            answers[j] = answer_text(fmt, tokens)
+        if score_progress and batch.pairs:
+            score_progress(len(batch.pairs))
+        if generate_progress and batch.generate:
+            generate_progress(len(batch.generate))
+
+    run_batches(model, fmt, pairs, questions, budgets, batch_size, plan_batches(fmt, pairs, questions, batch_size),
+                keep)
+    # every index is in exactly one batch: no None is left
+    return cast(list[TokenScores], scores), cast(list[str], answers)
 
 
 def score_pairs(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], batch_size: int = 32,
                 progress: Callable[[int], None] | None = None) -> list[TokenScores]:
     """TokenScores for each (question, answer) pair, in input order.
 
-    Pairs are batched by length to cut padding; ``progress(n)`` is called after each batch.
-    """
-    was_training = model.training
-    model.eval()
-    encoded = [fmt.encode(q, a, close=False) for q, a in pairs]
-    results: list[TokenScores | None] = [None] * len(encoded)
-    pad_id = fmt.tokenizer.pad_token_id
-    for idx in length_grouped_batches([len(e) for e in encoded], batch_size, shuffle=False):
-        for i, s in zip(idx, score_views(model, pad_batch([encoded[i] for i in idx], pad_id))):
-            results[i] = s
-        if progress:
-            progress(len(idx))
-    model.train(was_training)
-    return cast(list[TokenScores], results)  # every index is in one batch: no None is left
+    The answers to a question share one prefill of its prompt; ``batch_size`` bounds the prompts
+    per prefill and the answers per pass. ``progress(n)`` is called after each batch."""
+    return score_and_generate(model, fmt, pairs, (), batch_size=batch_size, score_progress=progress)[0]

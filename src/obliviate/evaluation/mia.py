@@ -200,11 +200,11 @@ def gradnorm_scores(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]]) ->
     scores = []
     try:
         for q, a in pairs:
-            enc = fmt.encode(q, a, close=False)
+            enc = fmt.encode_scored(q, a)
             ids = torch.tensor([enc.input_ids], device=device)
             with torch.enable_grad():
-                logits = model(input_ids=ids).logits[0, enc.answer_start - 1:enc.answer_start - 1 + enc.answer_len]
-                target = ids[0, enc.answer_start:enc.answer_start + enc.answer_len]
+                logits = model(input_ids=ids).logits[0, enc.answer_start - 1:enc.answer_start - 1 + enc.scored_len]
+                target = ids[0, enc.answer_start:enc.answer_start + enc.scored_len]
                 nll = -torch.log_softmax(logits.float(), -1).gather(-1, target[:, None]).mean()
                 grads = torch.autograd.grad(nll, params, allow_unused=True)
             sq = torch.zeros((), device=device)

@@ -19,12 +19,13 @@ from obliviate.data.chat import ChatFormat
 from obliviate.evaluation.logprobs import TokenScores, score_pairs
 
 Pair = tuple[str, str]
-Layout = tuple[str | None, int, str | None]
+Layout = tuple[str | None, int, str | None, str]
 
 
 def layout_of(fmt: ChatFormat) -> Layout:
-    """What, besides the weights, a pair's scores depend on: system prompt, length limit, tokenizer."""
-    return fmt.system_prompt, fmt.max_length, getattr(fmt.tokenizer, "name_or_path", None)
+    """What, besides the weights, a pair's scores depend on: system prompt, length limit, tokenizer,
+    and which tokens are scored (``ChatFormat.scored_tokens``)."""
+    return fmt.system_prompt, fmt.max_length, getattr(fmt.tokenizer, "name_or_path", None), fmt.scored_tokens
 
 
 class MissingScores(KeyError):

@@ -36,13 +36,16 @@ Every method is a :class:`Composite`::
     loss = forget_weight * mean_i(weight_i * forget_i) + retain_weight * retain
 
 where ``forget_i`` is a forget objective's per-sample loss (``ga``, ``nll``, ``idk_nll``, ``npo``,
-``simnpo``, ``idk_dpo``, ``rmu``), ``weight_i = forget["weight"]`` and ``retain`` a retain
-regulariser's scalar (``nll``, ``kl``, ``rmu``) computed from the retain batch only. Presets:
-``ga graddiff ga_kl npo npo_kl npo_only simnpo idk_nll idk_dpo rmu sft``; any pair with
+``simnpo``, ``idk_dpo``, ``rmu``, ``undial``, ``wga``, ``satimp``, ``ceu``, ``lmf``),
+``weight_i = forget["weight"]`` and ``retain`` a retain regulariser's scalar (``nll``, ``kl``, ``rmu``,
+``nll_constraint``: PDU's Lagrangian term, whose dual variable the objective updates itself) computed
+from the retain batch only. Presets: ``ga graddiff ga_kl npo npo_kl npo_only simnpo idk_nll idk_dpo rmu
+undial wga satimp ceu pdu sft`` (docs/methods.md); any pair with
 ``build_method("custom", forget="npo", retain="kl", beta=0.05, retain_weight=2.0)``.
 ``sft`` is plain NLL on the forget stream: the loop finetunes by passing its data as the forget batch.
 
 Helpers (``common``): ``sequence_logps`` (the one summed log-prob of a view's label tokens),
+``token_logps`` (its terms, for token-weighted losses), ``row_means``, ``soft_cross_entropy``,
 ``per_sample_nll``, ``kl_on_labels``, ``reference_logps``, ``reference_logps_for_rows``,
 ``hidden_states_at``. Losses are computed in float32.
 """

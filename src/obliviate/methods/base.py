@@ -32,6 +32,8 @@ class StepInputs:
     retain: dict | None  # {"answer": view, "index"}
     ref_model: torch.nn.Module | None = None  # frozen reference, only if method.needs_ref_model
     step: int = 0
+    # logs as floats (a device sync); the loop asks for device tensors and reads them at its log sync
+    float_logs: bool = True
 
 
 @runtime_checkable
@@ -39,7 +41,9 @@ class Method(Protocol):
     """What the training loop relies on; every attribute is always present.
 
     ``__call__`` returns ``(loss, logs)``: a scalar loss with a graph, and ``logs`` mapping
-    ``loss``, ``forget_loss`` (and ``retain_loss``) to floats for the per-step log.
+    ``loss``, ``forget_loss`` (and ``retain_loss``) to floats for the per-step log; with
+    ``inp.float_logs`` False (what the loop asks) they may be detached 0-dim tensors, which stay on the
+    device until the loop reads its log: no sync per step.
     """
 
     name: str
@@ -56,11 +60,23 @@ class Method(Protocol):
     @property
     def uses_retain(self) -> bool: ...
 
-    def __call__(self, inp: StepInputs) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def __call__(self, inp: StepInputs) -> tuple[torch.Tensor, dict[str, Any]]: ...
 
     def trainable(self, name: str) -> bool: ...
 
     def bind(self, model: torch.nn.Module) -> None: ...
+
+
+@runtime_checkable
+class SplitMethod(Protocol):
+    """A method whose loss is a forget term plus a retain term, each computable alone (every
+    :class:`~obliviate.methods.composite.Composite`): what the loop needs for sharpness-aware and
+    smoothed unlearning, which evaluate the forget term at perturbed weights. Each returns the term
+    (a scalar with a graph; None when there is no retain part) and its logs."""
+
+    def forget_term(self, inp: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def retain_term(self, inp: StepInputs) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]: ...
 
 
 @dataclass

@@ -2,11 +2,20 @@
 
 Label tokens are those whose label is not -100 (the answer and its closing end-of-turn, see
 ``data.chat``); the logits at position t predict token t+1, so logits and labels are shifted by one.
-Only the label positions' logits are cast to float32, which keeps the [tokens, vocab] float32 copy
-small (answers are a fraction of each row).
+
+The output layer runs only where it is read: the model is asked for the logits of the label
+positions alone (``logits_to_keep``, transformers' slicing of the hidden states before the LM head,
+where the model supports it), so the prompt's positions never reach the [tokens x vocab] projection.
+Where a label token sits is computed once per batch on the host (:func:`index_labels`, which the
+training loop calls before a batch moves to the device), so no step waits for the device to find
+them. Per-token log-probs take the log-softmax over the vocabulary in chunks of rows
+(:func:`target_logps`): no [tokens x vocab] float32 copy is kept for backward, the same numbers.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from torch import nn
@@ -26,32 +35,133 @@ def _forward(model: nn.Module, view: dict, **kwargs):
                  use_cache=False, **kwargs)
 
 
+LABEL_INDEX = ("label_pos", "label_flat", "label_rows", "label_count")
+LOGPROB_CHUNK = 1024  # label tokens per chunk of the vocabulary log-softmax
+
+
+def label_index(view: dict) -> dict[str, torch.Tensor]:
+    """Where a view's label tokens are: ``label_pos [B, K]`` the positions whose logits predict them
+    (K = the most label tokens of a row; a shorter row's extra entries point at prompt positions and
+    are never read), ``label_flat [N]`` the entries of the B x K grid that are label tokens (row-major,
+    so each row's tokens in order), ``label_rows [N]`` their row, ``label_count [B]`` tokens per row.
+
+    Read from the view when :func:`index_labels` put them there; computed from ``labels`` otherwise
+    (on the labels' device: a host sync when that is an accelerator)."""
+    if all(k in view for k in LABEL_INDEX):
+        return {k: view[k] for k in LABEL_INDEX}
+    mask = view["labels"][:, 1:] != IGNORE
+    counts = mask.sum(1)
+    if bool((counts == 0).any()):
+        empty = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"rows {empty} of the batch have no label tokens (labels are all -100)")
+    k = int(counts.max())
+    # A stable sort puts each row's label positions first, in order.
+    pos = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+    valid = torch.arange(k, device=mask.device)[None, :] < counts[:, None]
+    flat = valid.reshape(-1).nonzero().squeeze(1)
+    return {"label_pos": pos, "label_flat": flat, "label_rows": torch.div(flat, k, rounding_mode="floor"),
+            "label_count": counts}
+
+
+def index_labels(batch: dict) -> dict:
+    """``batch`` with :func:`label_index` added to each of its views, computed where the batch is
+    (the loop calls it on the host before the batch moves to the device)."""
+    return {k: {**v, **label_index(v)} if isinstance(v, dict) and "labels" in v else v for k, v in batch.items()}
+
+
+@functools.cache
+def _slices_logits(cls: type) -> bool:
+    """Whether ``cls.forward`` takes ``logits_to_keep`` as positions per row (transformers' 2D form)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401  (the 2D form's helper)
+    except ImportError:
+        return False
+    forward = getattr(cls, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model under DDP/FSDP (``module``) and peft (``get_base_model``) wrappers."""
+    while True:
+        unwrap = getattr(model, "get_base_model", None)
+        inner = unwrap() if callable(unwrap) else getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _label_logits(model: nn.Module, view: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the label positions in the model's dtype, ``[N, V]``, their targets ``[N]``, rows
+    ``[N]`` and the label tokens per row ``[B]``; through the (wrapped) model's own forward, so
+    DDP/FSDP hooks run."""
+    idx = label_index(view)
+    device = _device(model)
+    pos = idx["label_pos"].to(device)
+    if _slices_logits(type(_base_model(model))):  # type: ignore[arg-type]  # classes are hashable
+        logits = _forward(model, view, logits_to_keep=pos).logits  # [B, K, V]: only the label positions
+    else:
+        full = _forward(model, view).logits
+        logits = full.gather(1, pos[..., None].expand(-1, -1, full.shape[-1]))
+    batch, k, vocab = logits.shape
+    flat = idx["label_flat"].to(device)
+    targets = view["labels"][:, 1:].to(device).gather(1, pos).reshape(-1).index_select(0, flat)
+    return (logits.reshape(batch * k, vocab).index_select(0, flat), targets, idx["label_rows"].to(device),
+            idx["label_count"].to(device))
+
+
 def label_logits(model: nn.Module, view: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float32 logits at the label positions of a view.
 
     Returns ``(logits [N, V], targets [N], rows [N])`` where N counts the label tokens of the whole
     batch in row-major order and ``rows`` says which batch row each one belongs to.
     """
-    labels = view["labels"][:, 1:]
-    n_tokens = (labels != IGNORE).sum(1)
-    if bool((n_tokens == 0).any()):
-        empty = (n_tokens == 0).nonzero().flatten().tolist()
-        raise ValueError(f"rows {empty} of the batch have no label tokens (labels are all -100)")
-    logits = _forward(model, view).logits[:, :-1]
-    labels = labels.to(logits.device)
-    mask = labels != IGNORE
-    rows = mask.nonzero(as_tuple=True)[0]
-    return logits[mask].float(), labels[mask], rows
+    logits, targets, rows, _ = _label_logits(model, view)
+    return logits.float(), targets, rows
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """log_softmax(logits)[i, targets[i]] in chunks of rows; backward recomputes each chunk's softmax
+    from the saved logits (in their own dtype), so no [N, V] float32 tensor outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        out = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+        lse = torch.empty_like(out)
+        for s in range(0, logits.shape[0], chunk):
+            z = logits[s:s + chunk].float()
+            lse[s:s + chunk] = z.logsumexp(-1)
+            out[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            g = grad[s:s + ctx.chunk, None].float()
+            # d/dz_j (z_t - logsumexp z) = 1[j = t] - softmax(z)_j
+            dz = (logits[s:s + ctx.chunk].float() - lse[s:s + ctx.chunk, None]).exp().mul_(-g)
+            dz.scatter_add_(-1, targets[s:s + ctx.chunk, None], g)
+            grad_logits[s:s + ctx.chunk] = dz.to(logits.dtype)
+        return grad_logits, None, None
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """``log softmax(logits)[i, targets[i]]`` in float32, ``[N]``, the softmax taken ``chunk`` rows at a
+    time (see :class:`_TargetLogProb`); equal to ``logits.float().log_softmax(-1).gather(...)``."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, dtype=torch.float32)
+    return _TargetLogProb.apply(logits, targets, chunk)
 
 
 def sequence_logps(model: nn.Module, view: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each row's label tokens and their count: ``(sum_logp [B], n_tokens [B])``."""
-    logits, targets, rows = label_logits(model, view)
-    # log_softmax gathered at the target, without materialising a second [N, V] tensor
-    token_logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    logits, targets, rows, n_tokens = _label_logits(model, view)
+    token_logp = target_logps(logits, targets)
     batch = view["input_ids"].shape[0]
     sum_logp = torch.zeros(batch, device=token_logp.device, dtype=torch.float32).index_add(0, rows, token_logp)
-    n_tokens = torch.bincount(rows, minlength=batch)
     return sum_logp, n_tokens
 
 
@@ -59,6 +169,27 @@ def per_sample_nll(model: nn.Module, view: dict) -> torch.Tensor:
     """Mean negative log-likelihood of each row's label tokens, ``[B]``."""
     sum_logp, n_tokens = sequence_logps(model, view)
     return -sum_logp / n_tokens
+
+
+def token_logps(model: nn.Module, view: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each label token and the batch row it belongs to: ``(token_logp [N], rows [N])``,
+    the terms :func:`sequence_logps` sums (for losses that weight tokens one by one)."""
+    logits, targets, rows, _ = _label_logits(model, view)
+    return target_logps(logits, targets), rows
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy ``-sum_v target(v) log softmax(logits)(v)`` of each row, ``[N]``; ``target`` is a
+    distribution over the vocabulary (zeros allowed) and carries no gradient."""
+    return -(target * logits.log_softmax(-1)).sum(-1)
+
+
+def row_means(values: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Mean of per-label-token ``values [N]`` over each row's label tokens, ``[B]``: token-level losses
+    become the per-sample loss a forget objective returns (``label_logits`` refuses rows without any)."""
+    sums = torch.zeros(batch, device=values.device, dtype=values.dtype).index_add(0, rows, values)
+    counts = torch.zeros_like(sums).index_add(0, rows, torch.ones_like(values))  # bincount would sync on a GPU
+    return sums / counts
 
 
 def kl_on_labels(model: nn.Module, ref_model: nn.Module, view: dict) -> torch.Tensor:

@@ -9,21 +9,28 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from obliviate.methods.base import Objective, Procedure
+from obliviate.methods.ceu import CrossEntropyUnlearning
 from obliviate.methods.composite import Composite
 from obliviate.methods.dpo import IdkDPO
 from obliviate.methods.ga import GradientAscent
 from obliviate.methods.kl import RetainKL
 from obliviate.methods.nll import NLL, IdkNLL, RetainNLL
 from obliviate.methods.npo import NPO
+from obliviate.methods.pdu import LogitMarginFlattening, RetainNLLConstraint
 from obliviate.methods.rmu import RMUForget, RMURetain
+from obliviate.methods.satimp import SatImp
 from obliviate.methods.simnpo import SimNPO
+from obliviate.methods.undial import UNDIAL
 from obliviate.methods.unierase import UniErase, UniEraseOptions
+from obliviate.methods.wga import WeightedGradientAscent
 
 FORGET: dict[str, type[Objective]] = {
     "ga": GradientAscent, "nll": NLL, "idk_nll": IdkNLL, "npo": NPO, "simnpo": SimNPO,
-    "idk_dpo": IdkDPO, "rmu": RMUForget,
+    "idk_dpo": IdkDPO, "rmu": RMUForget, "undial": UNDIAL, "wga": WeightedGradientAscent, "satimp": SatImp,
+    "ceu": CrossEntropyUnlearning, "lmf": LogitMarginFlattening,
 }
-RETAIN: dict[str, type[Objective]] = {"nll": RetainNLL, "kl": RetainKL, "rmu": RMURetain}
+RETAIN: dict[str, type[Objective]] = {"nll": RetainNLL, "kl": RetainKL, "rmu": RMURetain,
+                                      "nll_constraint": RetainNLLConstraint}
 WEIGHTS = ("forget_weight", "retain_weight")
 
 
@@ -48,6 +55,16 @@ PRESETS: dict[str, Preset] = {
                                         "(Rafailov et al. 2023, arXiv 2305.18290)"),
     "rmu": Preset("rmu", "rmu", "RMU: steer layer-L activations of forget tokens to c*u, keep retain ones "
                                 "(Li et al. 2024, arXiv 2403.03218); retain_weight is their alpha"),
+    "undial": Preset("undial", "nll", "UNDIAL: self-distillation towards the reference's logits with the true "
+                                      "token's lowered by gamma=10, + retain NLL (Dong et al. 2025, arXiv 2402.10052)"),
+    "wga": Preset("wga", "nll", "weighted gradient ascent, token log-probs weighted by p^alpha (alpha=1), + retain "
+                                "NLL (Wang et al. 2025, arXiv 2502.19301)"),
+    "satimp": Preset("satimp", "nll", "SatImp: token log-probs weighted by p^beta1 (1-p)^beta2 (beta1=5, beta2=1), "
+                                      "+ retain NLL (Yang et al. 2025, arXiv 2505.11953)"),
+    "ceu": Preset("ceu", "nll", "CE-U: cross-entropy towards the model's own distribution without the true token, "
+                                "+ retain NLL (Yang 2025, arXiv 2503.01224)"),
+    "pdu": Preset("lmf", "nll_constraint", "PDU: logit-margin flattening subject to retain NLL <= epsilon, by a dual "
+                                           "variable updated by dual ascent (Entesari et al. 2025, arXiv 2506.05314)"),
     "sft": Preset("nll", None, "plain NLL on the training answers (finetuning)"),
 }
 

@@ -1,11 +1,14 @@
 """Audit records for deletion requests: which data was removed from which model, with what evidence.
 
-``certify(run_dir, thresholds)`` gathers, for one unlearn (or demo) run: sha256 fingerprints of the
+``certify(run_dir, settings)`` gathers, for one unlearn (or demo) run: sha256 fingerprints of the
 model before and after and of the forget and retain data, the exact configs, the code version, the
-metrics, and a verdict per user threshold (pass / fail / not measured). The entries form a hash
-chain: ``hash_i = sha256(hash_{i-1} + canonical_json(entry_i without prev/hash))`` starting from
-64 zeros, and the record's ``head`` is the last hash. ``verify(record_path)`` re-checks the chain,
-re-judges every threshold, and re-hashes every file the record names.
+metrics, and the two-sided verdict (``evaluation.verdict``: per criterion under-unlearned /
+indistinguishable / over-unlearned / not measured, with its statistic, uncertainty and evidence file).
+The entries form a hash chain: ``hash_i = sha256(hash_{i-1} + canonical_json(entry_i without
+prev/hash))`` starting from 64 zeros, and the record's ``head`` is the last hash. ``verify(record_path)``
+re-checks the chain, re-derives every call from its stored numbers, and re-hashes every file the
+record names. Records of the earlier format (``obliviate.audit/1``: pass/fail per user threshold)
+are still verified, by their own rules.
 
 A chain shows that a record was not edited after it was written, not who wrote it: anyone can
 recompute a whole chain. Keep the head hash somewhere else as well (the model card, a ticket, the
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +28,17 @@ import obliviate
 from obliviate.data.qa import DataError
 from obliviate.data.sources import as_dataset
 from obliviate.errors import UserError
-from obliviate.evaluation.verdict import (  # noqa: F401 - Thresholds, PASS... are this module's API too
+from obliviate.evaluation.verdict import (
     FAIL,
     NOT_MEASURED,
-    PASS,
-    Thresholds,
+    SAME,
+    Settings,
     judge,
-    measure,
-    overall_verdict,
-    run_checks,
+    judge_threshold,
+    overall_call,
+    rejudge,
+    run_evidence,
+    threshold_verdict,
 )
 from obliviate.reporting.tables import format_number
 from obliviate.runs import atomic_write_json, atomic_write_text, git_commit
@@ -49,14 +53,15 @@ from obliviate.runs.fingerprint import (
 from obliviate.runs.registry import (
     SUB_RUNS,
     _name,
-    find_in_run,
     read_config,
     read_json_file,
     read_metrics,
     unlearn_run_dir,
 )
 
-FORMAT = "obliviate.audit/1"
+FORMAT = "obliviate.audit/2"
+FORMATS = ("obliviate.audit/1", FORMAT)  # verify reads both; certify writes the last
+TWO_SIDED = "two-sided"  # the ``op`` of a criterion check (a data check's is "==")
 GENESIS = "0" * 64
 
 
@@ -112,21 +117,36 @@ def _data_entries(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[
             entry.update(path=str(Path(source).resolve()), sha256=sha256_path(source), exclude=[], source="hashed")
             current = data_fingerprint(source, skip_bad=bool(spec.get("skipped")))
             checks.append({"name": f"{role}_data_unchanged", "op": "==", "threshold": recorded, "value": current,
-                           "verdict": judge("==", current, recorded)})
+                           "verdict": judge_threshold("==", current, recorded)})
         entries.append(entry)
     return entries, checks
 
 
-def measurements(run_dir: str | Path, label: str = "unlearned", mia_key: str = "mia_auc_mink") -> dict[str, Any]:
-    """The values thresholds are judged on (``evaluation.verdict.measure`` of the run's rows)."""
-    run_dir = Path(run_dir)
-    relearn_path = find_in_run(run_dir, "attacks/relearn.json")
-    relearn = read_json_file(relearn_path) if relearn_path else None
-    return measure(read_metrics(run_dir).get("models") or {}, relearn, label, mia_key)
+def verdict_checks(run_dir: str | Path, settings: Settings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One ``check`` per criterion of the run's two-sided verdict (``evaluation.verdict.judge`` of the
+    files the run holds) with ``op`` "two-sided" and ``verdict`` its call, and the verdict itself."""
+    verdict = judge(run_evidence(run_dir), settings)
+    checks = [{"name": c["name"], "op": TWO_SIDED, **{k: v for k, v in c.items() if k not in ("name", "call")},
+               "verdict": c["call"]} for c in verdict["criteria"]]
+    return checks, verdict
 
 
-def certify(run_dir: str | Path, thresholds: Thresholds) -> dict[str, Any]:
+def record_call(checks: list[dict[str, Any]], gaps: list[str]) -> str:
+    """The record's verdict: ``fail`` when a data check fails (the data is no longer what the run
+    used), else the two-sided overall call of the criteria (``evaluation.verdict.overall_call``),
+    ``incomplete`` instead of indistinguishable when evidence is missing (``gaps``, an unchecked file)."""
+    data = [c["verdict"] for c in checks if c.get("op") != TWO_SIDED]
+    if FAIL in data:
+        return FAIL
+    call = overall_call([c["verdict"] for c in checks if c.get("op") == TWO_SIDED])
+    if call == SAME and (gaps or NOT_MEASURED in data):
+        return "incomplete"
+    return call
+
+
+def certify(run_dir: str | Path, settings: Settings | None = None) -> dict[str, Any]:
     """Build the hash-chained audit record of a deletion carried out by ``run_dir``."""
+    settings = settings or Settings()
     run_dir = Path(run_dir).resolve()
     config = read_config(run_dir)
     unlearn = unlearn_run_dir(run_dir)
@@ -151,23 +171,25 @@ def certify(run_dir: str | Path, thresholds: Thresholds) -> dict[str, Any]:
             sub_config = read_config(run_dir / sub)
             configs.append({"type": "config", "run": sub, "sha256": config_hash(sub_config), "config": sub_config})
 
-    if not thresholds.checks():
-        gaps.append("no thresholds given: nothing was judged")
-    measured = measurements(run_dir, thresholds.label, thresholds.mia_key)
-    checks += run_checks(thresholds, measured)
+    criteria, verdict = verdict_checks(run_dir, settings)
+    checks += criteria
+    if verdict["call"] == NOT_MEASURED:
+        gaps.append("no criterion could be measured (the run needs an evaluation with forget and holdout sets)")
     metrics = read_metrics(run_dir)
 
     entries = [
         {"type": "request", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run": str(run_dir),
-         "thresholds": asdict(thresholds),
+         "settings": settings.to_json(),
          "certifier": {"obliviate": obliviate.__version__, "git_commit": git_commit()}},
         *files,
         *configs,
         {"type": "code", "git_commit": env.get("git_commit"), "versions": env.get("versions") or {},
          "python": env.get("python"), "platform": env.get("platform"), "seed": env.get("seed")},
-        {"type": "metrics", "models": metrics.get("models") or {}, "measured": measured},
+        {"type": "metrics", "models": metrics.get("models") or {}},
         *({"type": "check", **c} for c in checks),
-        {"type": "verdict", "verdict": overall_verdict(checks, gaps), "gaps": gaps},
+        {"type": "verdict", "verdict": record_call(checks, gaps), "gaps": gaps, "model": verdict["model"],
+         "under": verdict["under"], "over": verdict["over"], "alpha": verdict["alpha"],
+         "alpha_per_criterion": verdict["alpha_per_criterion"], "n_tests": verdict["n_tests"]},
     ]
     return chain(entries)
 
@@ -197,6 +219,35 @@ def record_verdict(record: dict[str, Any]) -> str | None:
     return None
 
 
+def link_previous(record: dict[str, Any], head: str, path: str | Path | None = None,
+                  request: int | None = None) -> dict[str, Any]:
+    """``record`` with a ``previous`` entry after its request entry, rechained: the head hash of the
+    record of the previous deletion request on the same model (``obliviate forget``'s ledger, one per
+    model lineage), so each record commits to its predecessor and requests cannot be dropped from or
+    reordered in the lineage without a hash failing. ``verify`` checks that head against the previous
+    record's file when it is there. Sign (``signing.sign``) after linking."""
+    bodies = [{k: v for k, v in e.items() if k not in ("seq", "prev", "hash")} for e in record["entries"]]
+    link = {"type": "previous", "head": head, "record": str(Path(path).resolve()) if path is not None else None,
+            "request": request}
+    return chain(bodies[:1] + [link] + bodies[1:])
+
+
+def _previous_problems(entries: list[dict[str, Any]], rehash: bool) -> list[str]:
+    """A ``previous`` entry whose record file is there must name that record's head."""
+    problems = []
+    for entry in entries:
+        if entry.get("type") != "previous" or not entry.get("record") or not rehash:
+            continue
+        path = Path(entry["record"])
+        previous = read_json_file(path) if path.is_file() else None
+        if not isinstance(previous, dict):
+            problems.append(f"previous record {path} is missing or unreadable, cannot check the link")
+        elif previous.get("head") != entry.get("head"):
+            problems.append(f"previous record {path} has head {previous.get('head')}, not the linked "
+                            f"{entry.get('head')} (it was replaced after this record was written)")
+    return problems
+
+
 # Fields every entry of a type must have, with their JSON types; a record without them is malformed
 # (an AuditError), while wrong values in well-formed entries are what verify reports.
 _STR: tuple[type, ...] = (str,)
@@ -207,14 +258,16 @@ _ENTRY_FIELDS: dict[str | None, dict[str, tuple[type, ...]]] = {
     "check": {"name": _STR, "op": _STR, "verdict": _OPT_STR},
     "verdict": {"verdict": _OPT_STR},
     "file": {"role": _STR, "path": _OPT_STR, "sha256": _OPT_STR},
+    "previous": {"head": _STR},
 }
 _TYPE_NAMES = {str: "text", int: "an integer", list: "a list", type(None): "null"}
 
 
 def _check_shape(record: Any, where: str) -> None:
     """Raise AuditError naming the first missing or mistyped field of a record."""
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise AuditError(f"{where}: not an audit record of format {FORMAT} (write one with `obliviate certify`)")
+    if not isinstance(record, dict) or record.get("format") not in FORMATS:
+        raise AuditError(f"{where}: not an audit record of format {' or '.join(FORMATS)} (write one with "
+                         "`obliviate certify`)")
     for key, kinds in (("head", _STR), ("entries", _LIST)):
         if not isinstance(record.get(key), kinds):
             raise AuditError(f"{where}: malformed audit record: '{key}' must be {_TYPE_NAMES[kinds[0]]}")
@@ -240,7 +293,8 @@ def _check_shape(record: Any, where: str) -> None:
 
 def verify(record_path: str | Path, expected_head: str | None = None, rehash: bool = True) -> list[str]:
     """Problems with a record (empty list: intact): chain links and hashes, the head, every check's
-    verdict against its value and threshold, the overall verdict, and (``rehash``) every named file.
+    call re-derived from its stored numbers (a format-1 record's: value against threshold), the
+    overall verdict, and (``rehash``) every named file.
 
     A file that is not a well-formed record (missing, not JSON, fields missing or of the wrong type)
     raises AuditError: there is nothing to verify."""
@@ -272,20 +326,10 @@ def verify(record_path: str | Path, expected_head: str | None = None, rehash: bo
         problems.append(f"head hash {record.get('head')} differs from the expected {expected_head}")
 
     checks = [e for e in entries if e.get("type") == "check"]
-    for c in checks:
-        try:
-            again = judge(c.get("op", ""), c.get("value"), c.get("threshold"))
-        except (ValueError, TypeError) as e:
-            again = f"unjudgeable ({e})"
-        if again != c.get("verdict"):
-            problems.append(f"check {c.get('name')}: verdict {c.get('verdict')!r} but value {c.get('value')!r} "
-                            f"{c.get('op')} {c.get('threshold')!r} gives {again!r}")
     verdicts = [e for e in entries if e.get("type") == "verdict"]
-    if len(verdicts) != 1:
-        problems.append(f"expected one verdict entry, found {len(verdicts)}")
-    elif verdicts[0].get("verdict") != overall_verdict(checks, verdicts[0].get("gaps") or []):
-        problems.append(f"overall verdict {verdicts[0].get('verdict')!r} does not follow from the checks")
+    problems += (_recheck_v1 if record["format"] == FORMATS[0] else _recheck)(checks, verdicts)
 
+    problems += _previous_problems(entries, rehash)
     if rehash:
         for entry in entries:
             if entry.get("type") != "file" or not entry.get("path"):
@@ -295,6 +339,53 @@ def verify(record_path: str | Path, expected_head: str | None = None, rehash: bo
                 problems.append(f"{entry['role']}: {path} no longer exists, cannot re-hash it")
             elif sha256_path(path, entry.get("exclude") or ()) != entry.get("sha256"):
                 problems.append(f"{entry['role']}: {path} has changed since it was certified (sha256 differs)")
+    return problems
+
+
+def _recheck(checks: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> list[str]:
+    """Every call re-derived from its stored numbers, the Bonferroni level from the number of tests,
+    and the overall verdict from the checks."""
+    problems = []
+    for c in checks:
+        try:
+            again = rejudge(c) if c.get("op") == TWO_SIDED else judge_threshold(c["op"], c.get("value"),
+                                                                                 c.get("threshold"))
+        except (ValueError, TypeError, KeyError) as e:
+            again = f"unjudgeable ({e})"
+        if again != c.get("verdict"):
+            problems.append(f"check {c.get('name')}: verdict {c.get('verdict')!r} but its numbers give {again!r}")
+    if len(verdicts) != 1:
+        return problems + [f"expected one verdict entry, found {len(verdicts)}"]
+    v = verdicts[0]
+    tested = [c for c in checks if c.get("op") == TWO_SIDED and c.get("value") is not None
+              and c.get("alpha") is not None]
+    per = v.get("alpha_per_criterion")
+    if v.get("n_tests") != len(tested) or not isinstance(v.get("alpha"), (int, float)) \
+            or not isinstance(per, (int, float)) or abs(per - v["alpha"] / max(len(tested), 1)) > 1e-12:
+        problems.append(f"the verdict's alpha {v.get('alpha')!r} over {v.get('n_tests')!r} tests does not match "
+                        f"{len(tested)} measured criteria judged at {per!r} each")
+    elif any(c["alpha"] != per for c in tested):
+        problems.append(f"a criterion was judged at another level than alpha / tests = {per}")
+    if v.get("verdict") != record_call(checks, v.get("gaps") or []):
+        problems.append(f"overall verdict {v.get('verdict')!r} does not follow from the checks")
+    return problems
+
+
+def _recheck_v1(checks: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> list[str]:
+    """A format-1 record: every check against its threshold, the overall pass / fail / incomplete."""
+    problems = []
+    for c in checks:
+        try:
+            again = judge_threshold(c.get("op", ""), c.get("value"), c.get("threshold"))
+        except (ValueError, TypeError) as e:
+            again = f"unjudgeable ({e})"
+        if again != c.get("verdict"):
+            problems.append(f"check {c.get('name')}: verdict {c.get('verdict')!r} but value {c.get('value')!r} "
+                            f"{c.get('op')} {c.get('threshold')!r} gives {again!r}")
+    if len(verdicts) != 1:
+        problems.append(f"expected one verdict entry, found {len(verdicts)}")
+    elif verdicts[0].get("verdict") != threshold_verdict(checks, verdicts[0].get("gaps") or []):
+        problems.append(f"overall verdict {verdicts[0].get('verdict')!r} does not follow from the checks")
     return problems
 
 
@@ -325,7 +416,29 @@ pre{background:#f7f7f7;padding:.8em;overflow-x:auto}.pass{color:#176f2c;font-wei
 
 
 def _cls(verdict: str | None) -> str:
-    return {"pass": "pass", "fail": "fail"}.get(verdict or "", "other")
+    good, bad = ("pass", SAME), ("fail", "under-unlearned", "over-unlearned", "under- and over-unlearned")
+    return "pass" if verdict in good else "fail" if verdict in bad else "other"
+
+
+def _interval(values: Any) -> str:
+    if not values:
+        return ""
+    return "[" + ", ".join("-inf" if v is None and i == 0 else "inf" if v is None else format_number(v)
+                           for i, v in enumerate(values)) + "]"
+
+
+def _check_row(c: dict[str, Any]) -> str:
+    """A criterion (two-sided: value, interval, band, p-value, evidence) or a data/threshold check."""
+    if c.get("op") == TWO_SIDED:
+        detail = [format_number(c.get("value")), _interval(c.get("interval")), _interval(c.get("band")),
+                  format_number(c.get("p_value")), c.get("evidence") or c.get("note") or ""]
+    else:
+        limit = c.get("threshold")
+        required = (_interval(limit) if c["op"] == "within" and isinstance(limit, list) else
+                    f"{c['op']} {_short(limit)}")
+        detail = [_short(c.get("value")), "", required, "", ""]
+    return (f"<tr><td>{_e(c['name'])}</td><td class='{_cls(c['verdict'])}'>{_e(c['verdict'])}</td>"
+            + "".join(f"<td>{_e(d)}</td>" for d in detail) + "</tr>")
 
 
 def _e(value: Any) -> str:
@@ -353,15 +466,16 @@ def render_record_html(record: dict[str, Any]) -> str:
            f"<p>Run <code>{_e(request.get('run'))}</code>, certified {_e(request.get('created'))} by obliviate "
            f"{_e((request.get('certifier') or {}).get('obliviate'))}. Record head hash: "
            f"<code>{_e(record.get('head'))}</code></p>"]
+    for link in by_type.get("previous", []):  # a later deletion request on the same model (obliviate forget)
+        out.append(f"<p>Follows the record of request {_e(link.get('request'))} on the same model: head "
+                   f"<code>{_e(link.get('head'))}</code> (<code>{_e(link.get('record'))}</code>)</p>")
     for gap in verdict.get("gaps") or []:
         out.append(f"<p class='other'>Missing: {_e(gap)}</p>")
-    out.append("<h2>Criteria</h2><table><tr><th>criterion</th><th>verdict</th><th>value</th><th>required</th></tr>")
-    for c in by_type.get("check", []):
-        limit = c["threshold"]
-        required = (f"in [{format_number(limit[0])}, {format_number(limit[1])}]" if c["op"] == "within" else
-                    f"{c['op']} {_short(limit)}")
-        out.append(f"<tr><td>{_e(c['name'])}</td><td class='{_cls(c['verdict'])}'>{_e(c['verdict'])}</td>"
-                   f"<td>{_e(_short(c['value']))}</td><td>{_e(required)}</td></tr>")
+    out.append("<h2>Criteria</h2><p>Forget set against never-seen holdout rows: under-unlearned (still known), "
+               "indistinguishable, over-unlearned (less likely than never-seen), not measured.</p>"
+               "<table><tr><th>criterion</th><th>call</th><th>value</th><th>interval</th><th>band / required</th>"
+               "<th>p-value</th><th>evidence</th></tr>")
+    out += [_check_row(c) for c in by_type.get("check", [])]
     out.append("</table><h2>Fingerprints (sha256)</h2><table><tr><th>what</th><th>where</th><th>sha256</th>"
                "<th>how</th></tr>")
     for f in by_type.get("file", []):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from obliviate.evaluation.evaluate import logprob_utility
 from obliviate.reporting.tables import SUMMARY, format_number
 
 if TYPE_CHECKING:
@@ -47,18 +48,39 @@ def _finite(value: Any) -> float | None:
     return float(value)
 
 
-def tradeoff_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]],
-                    anchors: Mapping[str, tuple[float | None, float | None]] | None = None) -> Figure:
-    """Forget quality (log x) vs model utility (y) along each unlearning trajectory.
+def utility_key(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """The utility a trade-off figure plots: ``logprob_utility`` (model utility without ROUGE) when
+    every trajectory point has it, as the pipeline writes them (its points between the first and the
+    last are evaluated without generation); ``model_utility`` for trajectories written before."""
+    rows = [r for rs in curves.values() for r in rs]
+    return "logprob_utility" if rows and all(_finite(r.get("logprob_utility")) is not None for r in rows) \
+        else "model_utility"
 
-    ``curves``: name -> trajectory rows with ``step``, ``forget_quality``, ``model_utility``.
-    ``anchors``: label (target, oracle, ...) -> (forget quality, model utility), drawn as markers.
+
+def _anchor(value: tuple[float | None, float | None] | Mapping[str, Any], key: str) -> tuple[Any, Any]:
+    if not isinstance(value, Mapping):
+        return value
+    utility = logprob_utility(value) if key == "logprob_utility" else value.get("model_utility")
+    return value.get("forget_quality"), utility
+
+
+def tradeoff_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]],
+                    anchors: Mapping[str, tuple[float | None, float | None] | Mapping[str, Any]] | None = None
+                    ) -> Figure:
+    """Forget quality (log x) vs utility (y) along each unlearning trajectory.
+
+    ``curves``: name -> trajectory rows with ``step``, ``forget_quality`` and the utility
+    (:func:`utility_key`: ``logprob_utility``, else ``model_utility``).
+    ``anchors``: label (target, oracle, ...) -> a summary row (its forget quality and the same
+    utility as the curves, computed from the row), or a (forget quality, utility) pair drawn as given;
+    drawn as markers.
     """
+    key = utility_key(curves)
     fig = new_figure(7.5, 4.8)
     ax = fig.add_subplot()
     ax.set_xscale("log")
     for i, (name, rows) in enumerate(curves.items()):
-        pts = [(_finite(r.get("forget_quality")), _finite(r.get("model_utility")), r.get("step")) for r in rows]
+        pts = [(_finite(r.get("forget_quality")), _finite(r.get(key)), r.get("step")) for r in rows]
         pts = [(max(fq, FQ_FLOOR), mu, step) for fq, mu, step in pts if fq is not None and mu is not None]
         if not pts:
             continue
@@ -70,15 +92,16 @@ def tradeoff_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]],
         ax.annotate(f"step {steps[0]}", (xs[0], ys[0]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.annotate(f"step {steps[-1]}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, -12),
                     fontsize=8, color=colour)
-    for label, (fq, mu) in (anchors or {}).items():
-        fq, mu = _finite(fq), _finite(mu)
+    for label, value in (anchors or {}).items():
+        fq, mu = (_finite(v) for v in _anchor(value, key))
         if fq is not None and mu is not None:
             ax.scatter([max(fq, FQ_FLOOR)], [mu], marker="*" if label == "oracle" else "s", s=120, zorder=5,
                        color=COLOURS.get(label, "black"), edgecolor="black", label=label)
     ax.axvline(0.05, color="#999", linestyle="--", linewidth=1)
     ax.text(0.05, 1.0, " p = 0.05", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="#666")
     ax.set_xlabel("forget quality (KS-test p-value vs the oracle, log scale; higher is better)")
-    ax.set_ylabel("model utility (higher is better)")
+    ax.set_ylabel("model utility without ROUGE (probability, truth ratio; higher is better)"
+                  if key == "logprob_utility" else "model utility (higher is better)")
     ax.set_title("Forgetting vs utility during unlearning")
     ax.grid(True, which="major", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

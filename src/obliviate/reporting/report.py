@@ -2,7 +2,9 @@
 fetched from the network) and a Markdown summary, for one or more run directories.
 
 Per run: what ran (method, model, config hash, code version), the metric table of every evaluated
-model (target / oracle / unlearned, forget side and utility side), the verdict, the forgetting vs
+model (target / oracle / unlearned, forget side and utility side), the two-sided verdict (a table:
+criterion, statistic, value, interval, call, evidence file; judged from the run's files when it
+report is written, so attacks run after the pipeline count), the forgetting vs
 utility trade-off along ``trajectory.json``, the relearning curve and quantisation table when those
 attacks ran, truth-ratio histograms against the oracle, the training loss, and example generations
 on forget and retain questions. Everything read from run files is HTML-escaped.
@@ -20,8 +22,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import obliviate
+from obliviate.evaluation.verdict import NOT_MEASURED, Settings, run_evidence, run_verdict
 from obliviate.reporting import plots
-from obliviate.reporting.tables import format_number, markdown_cell, markdown_table
+from obliviate.reporting.tables import format_number, markdown_cell, markdown_table, verdict_rows, verdict_summary
 from obliviate.runs import atomic_write_bytes, atomic_write_text
 from obliviate.runs.fingerprint import config_hash
 from obliviate.runs.registry import RunFileError, find_in_run, read_config, read_json_file, run_identity
@@ -60,6 +63,7 @@ class RunData:
     relearn: dict[str, Any] | None = None
     quantise: dict[str, Any] | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
+    muse: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> muse/<label>.json (MUSE metrics)
 
 
 def _check_eval(path: Path, ev: Any) -> dict[str, Any]:
@@ -114,10 +118,35 @@ def load_run(run_dir: str | Path) -> RunData:
         path=run_dir, config=config, identity=run_identity(run_dir, config),
         environment=read_json_file(run_dir / "environment.json") or {},
         status=read_json_file(run_dir / "status.json") or {},
-        models=_ordered(models), verdict=metrics.get("verdict") or {}, evals=_ordered(evals),
+        models=_ordered(models), verdict=current_verdict(run_dir, metrics.get("verdict") or {}), evals=_ordered(evals),
         trajectory=trajectory, relearn=_optional(run_dir, "attacks/relearn.json", dict),
         quantise=_optional(run_dir, "attacks/quantise.json", dict),
-        log=read_log(log_path) if log_path else [])
+        log=read_log(log_path) if log_path else [], muse=muse_results(run_dir))
+
+
+MUSE_KEYS = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak", "privleak_auc", "privleak_auc_retain")
+
+
+def muse_results(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """``muse/<label>.json`` of a run (``obliviate evaluate --muse``), by label."""
+    muse_dir = find_in_run(run_dir, "muse")
+    results = {}
+    for path in sorted(muse_dir.glob("*.json")) if muse_dir else []:
+        result = read_json_file(path)
+        if not isinstance(result, dict) or not all(k in result for k in MUSE_KEYS[:4]):
+            raise RunFileError(f"{path}: not a MUSE result (expected an object with {', '.join(MUSE_KEYS[:4])})")
+        results[path.stem] = result
+    return _ordered(results)
+
+
+def current_verdict(run_dir: Path, recorded: dict[str, Any]) -> dict[str, Any]:
+    """The two-sided verdict judged from the run's files now (``evaluation.verdict``, with the settings
+    the run recorded), so attacks run after the pipeline count; the recorded one (metrics.json's) when
+    nothing can be judged from files."""
+    if not find_in_run(run_dir, "eval/unlearned.json"):
+        return recorded
+    verdict = run_verdict(run_evidence(run_dir), Settings.from_json(recorded.get("settings")))
+    return recorded if verdict["call"] == NOT_MEASURED else verdict
 
 
 def _optional(run_dir: Path, rel: str, kind: type) -> Any:
@@ -180,6 +209,53 @@ def generation_rows(run: RunData, set_name: str, n: int) -> tuple[list[str], lis
             row.append(per["generation"][i] + (f"  [ROUGE {format_number(rouge)}]" if rouge is not None else ""))
         rows.append(row)
     return ["question"] + labels, rows
+
+
+MC_METRICS = ("accuracy", "accuracy_norm", "chance")
+
+
+def mc_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
+    """Multiple-choice accuracy per set (``multiple_choice`` of each eval): [set, metric, value per model];
+    ``accuracy_norm`` is per-character length normalised, ``chance`` a uniform guess's accuracy."""
+    labels = [label for label, ev in run.evals.items() if ev.get("multiple_choice")]
+    names = list(dict.fromkeys(name for label in labels for name in run.evals[label]["multiple_choice"]))
+    rows = []
+    for name in names:
+        results = [run.evals[label]["multiple_choice"].get(name) or {} for label in labels]
+        rows += [[name, metric] + [format_number(r.get(metric)) for r in results] for metric in MC_METRICS]
+    return ["set", "metric"] + labels, rows
+
+
+def lm_eval_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
+    """lm-evaluation-harness results of the requested tasks (``lm_eval`` of each eval): [task, metric,
+    value (± standard error) per model]."""
+    labels = [label for label, ev in run.evals.items() if isinstance(ev.get("lm_eval"), dict)]
+    summaries = [run.evals[label]["lm_eval"] for label in labels]
+    tasks = list(dict.fromkeys(t for s in summaries for t in s.get("tasks", [])))
+    rows = []
+    for task in tasks:
+        per_model = [(s.get("results") or {}).get(task) or {} for s in summaries]
+        metrics = list(dict.fromkeys(m for r in per_model for m in r if not m.endswith("_stderr")))
+        for metric in metrics:
+            cells = []
+            for r in per_model:
+                err = r.get(f"{metric}_stderr")
+                cells.append(format_number(r.get(metric)) + (f" ± {format_number(err)}" if err is not None else ""))
+            rows.append([task, metric] + cells)
+    return ["task", "metric"] + labels, rows
+
+
+def muse_rows(run: RunData) -> tuple[list[str], list[list[str]]]:
+    """MUSE metrics of each model with a ``muse/<label>.json``: [metric, value per model]."""
+    labels = list(run.muse)
+    rows = [[key] + [format_number(run.muse[label].get(key)) for label in labels] for key in MUSE_KEYS]
+    return ["metric"] + labels, rows if labels else []
+
+
+MUSE_NOTE = ("MUSE (Shi et al. 2024): VerbMem = ROUGE-L F1 of the continuation of forget-text prompts, KnowMem = "
+             "ROUGE-L recall of answers to questions about the forget / retain corpus (lower on forget, higher "
+             "on retain is better); PrivLeak = Min-K% AUC difference to the retain model in percent (near 0 is "
+             "ideal, negative = under-unlearned).")
 
 
 def run_facts(run: RunData) -> list[tuple[str, str]]:
@@ -298,7 +374,12 @@ def run_html(run: RunData, name: str, figs: list[ReportFigure], examples: int) -
             if rows:
                 out.append(f"<div><h4>{title}</h4>{html_table(['metric'] + labels, rows)}</div>")
         out.append("</div>")
-    if run.verdict:
+    if run.verdict.get("criteria"):
+        header, rows = verdict_rows(run.verdict)
+        out.append("<h3>Verdict: forget set vs never-seen holdout rows</h3>"
+                   + "".join(f"<p>{_e(line).replace('**', '')}</p>" for line in verdict_summary(run.verdict))
+                   + html_table(header, rows))
+    elif run.verdict:
         out.append("<h3>Verdict</h3>" + _verdict_html(run.verdict))
     for fig in figs:
         out.append(f"<h3>{_e(fig.title)}</h3>{img_tag(fig)}")
@@ -308,6 +389,19 @@ def run_html(run: RunData, name: str, figs: list[ReportFigure], examples: int) -
     if run.quantise:
         header, rows = quantise_rows(run)
         out.append("<h3>Quantisation attack</h3>" + html_table(header, rows))
+    header, rows = mc_rows(run)
+    if rows:
+        out.append("<h3>Multiple choice</h3><p class='note'>Accuracy by each choice's log-likelihood; "
+                   "accuracy_norm divides it by the choice's length in characters; chance is a uniform "
+                   "guess.</p>" + html_table(header, rows))
+    header, rows = lm_eval_rows(run)
+    if rows:
+        out.append("<h3>lm-evaluation-harness</h3>" + html_table(header, rows))
+    header, rows = muse_rows(run)
+    if rows:
+        notes = "".join(f"<p class='note'>{_e(label)}: {_e(r['note'])}</p>" for label, r in run.muse.items()
+                        if r.get("note"))
+        out.append(f"<h3>MUSE</h3><p class='note'>{_e(MUSE_NOTE)}</p>{html_table(header, rows)}{notes}")
     for set_name in ("forget", "retain"):
         header, rows = generation_rows(run, set_name, examples)
         if rows:
@@ -339,7 +433,12 @@ def run_markdown(run: RunData, name: str, fig_paths: dict[str, str]) -> str:
             rows = metric_rows(run.models, side)
             if rows:
                 out += [f"**Metrics, {side} side**", "", markdown_table(["metric"] + list(run.models), rows), ""]
-    if run.verdict:
+    if run.verdict.get("criteria"):
+        header, rows = verdict_rows(run.verdict)
+        out += ["**Verdict: forget set vs never-seen holdout rows**", ""]
+        out += [x for line in verdict_summary(run.verdict) for x in (line, "")]
+        out += [markdown_table(header, rows), ""]
+    elif run.verdict:
         out += ["**Verdict**", ""] + [
             f"- {markdown_cell(k)}: "
             f"{markdown_cell(format_number(v) if not isinstance(v, (dict, list)) else json.dumps(v))}"
@@ -349,6 +448,14 @@ def run_markdown(run: RunData, name: str, fig_paths: dict[str, str]) -> str:
     if run.quantise:
         header, rows = quantise_rows(run)
         out += ["**Quantisation attack**", "", markdown_table(header, rows), ""]
+    for title, (header, rows) in (("Multiple choice", mc_rows(run)), ("lm-evaluation-harness", lm_eval_rows(run))):
+        if rows:
+            out += [f"**{title}**", "", markdown_table(header, rows), ""]
+    header, rows = muse_rows(run)
+    if rows:
+        out += ["**MUSE**", "", markdown_table(header, rows), ""]
+        out += [f"- {markdown_cell(label)}: {markdown_cell(r['note'])}" for label, r in run.muse.items()
+                if r.get("note")] + [""]
     for title, path in fig_paths.items():
         out += [f"![{markdown_cell(title)}]({path})", ""]
     return "\n".join(out)

@@ -36,6 +36,11 @@ class TrainConfig:
     lora_alpha: int = 32
     merge_lora: bool = True
     log_with: str = ""  # experiment trackers, comma-separated: tensorboard, mlflow (logs under RUN/tracking)
+    sync_every: int = 10  # optimizer steps between reads of the logged values from the device (one host sync)
+    check_every: int = 0  # optimizer steps between calibrated-stopping checks (with one); 0: once per epoch
+    sam_rho: float = 0.0  # sharpness-aware unlearning: radius of the forget term's weight perturbation; 0: off
+    smooth_sigma: float = 0.0  # randomized smoothing: std of Gaussian weight noise on the forget term; 0: off
+    smooth_samples: int = 1  # randomized smoothing: noise draws per micro-batch
 
     def __post_init__(self) -> None:
         # Types first (finite floats, whole ints, real bools): the range checks below compare numbers.
@@ -44,7 +49,7 @@ class TrainConfig:
             raise OptionsError("invalid training options: " + "; ".join(problems))
         if self.epochs <= 0 and self.max_steps <= 0:
             problems.append("epochs must be > 0 (or set max_steps)")
-        for name in ("batch_size", "grad_accum", "lora_r"):
+        for name in ("batch_size", "grad_accum", "lora_r", "sync_every", "smooth_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.lr <= 0:
@@ -57,8 +62,12 @@ class TrainConfig:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             problems.append("mixed_precision must be no, bf16 or fp16")
-        if min(self.max_steps, self.save_every, self.eval_every, self.weight_decay, self.max_grad_norm) < 0:
-            problems.append("max_steps, save_every, eval_every, weight_decay and max_grad_norm must be >= 0")
+        if min(self.max_steps, self.save_every, self.eval_every, self.check_every, self.weight_decay,
+               self.max_grad_norm, self.sam_rho, self.smooth_sigma) < 0:
+            problems.append("max_steps, save_every, eval_every, check_every, weight_decay, max_grad_norm, sam_rho "
+                            "and smooth_sigma must be >= 0")
+        if self.sam_rho > 0 and self.smooth_sigma > 0:
+            problems.append("sam_rho and smooth_sigma are two ways to smooth the forget term: set one of them")
         unknown = sorted(set(self.trackers()) - set(TRACKERS))
         if unknown:
             problems.append(f"log_with: unknown tracker {', '.join(unknown)} (choose from {', '.join(TRACKERS)})")

@@ -14,14 +14,18 @@ a ``methods.Procedure``::
 from obliviate.methods.unierase.edit import alphaedit_update, default_layers, nullspace_projector
 from obliviate.methods.unierase.recipe import (
                                                STATS_FILE,
+                                               EarlierEditsMissing,
                                                UniErase,
                                                UniEraseOptions,
                                                apply_unierase,
+                                               check_earlier,
+                                               edit_record,
                                                first_token_rate,
+                                               recorded_edits,
                                                unierase,
 )
 from obliviate.methods.unierase.token import UNLEARN_TOKEN, add_unlearn_token, train_unlearn_token
 
 __all__ = ["UniErase", "UniEraseOptions", "unierase", "apply_unierase", "first_token_rate", "add_unlearn_token",
            "train_unlearn_token", "alphaedit_update", "nullspace_projector", "default_layers", "UNLEARN_TOKEN",
-           "STATS_FILE"]
+           "STATS_FILE", "EarlierEditsMissing", "check_earlier", "edit_record", "recorded_edits"]

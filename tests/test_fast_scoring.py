@@ -1,0 +1,333 @@
+"""Scoring and generation that compute only what the answer needs keep the numbers (issue 12 item 7).
+
+The references here are plain: one unpadded forward pass of the whole model per (question, answer)
+pair, log-softmax over full logits; one full forward pass per generated token, no cache. The library
+path (prompts prefilled once and shared by their answers and generation, the output layer only at
+scored positions and in chunks, finished rows leaving the batch) must give the same per-token values
+within 1e-5 and the same generations, on the tiny model on a CPU in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import obliviate.evaluation.forward as forward
+from obliviate.data.chat import ChatFormat
+from obliviate.evaluation.forward import Runner
+from obliviate.evaluation.generation import generate_answers, greedy_batch, stop_token_ids
+from obliviate.evaluation.logprobs import plan_batches, score_and_generate, score_pairs
+from obliviate.models.loading import load_model, load_tokenizer
+from obliviate.models.tiny import build_tiny_model
+
+ATOL = 1e-5
+
+# Prompts of different lengths in one batch, a question with many answers, answers shared by two
+# questions, one-token answers, a repeated pair and documents (empty question: no prompt to share).
+PAIRS = [
+    ("Who is Bo?", "A painter."),
+    ("Where was Ana born? Tell me the city and the country, please.", "In Lisbon, Portugal."),
+    ("Who is Bo?", "A singer who also paints on Sundays."),
+    ("Who is Bo?", "A cook."),
+    ("Who is Bo?", "X"),
+    ("Who is Bo?", "A painter."),  # the same pair again
+    ("Where does Bo live?", "A painter."),  # an answer shared with another question
+    ("Where was Ana born? Tell me the city and the country, please.", "In Oslo."),
+    ("", "A plain document about Bo and his paintings."),
+    ("Why?", "Because."),
+    ("", "Another, shorter document."),
+    ("Where does Bo live?", "In Riga, by the sea, in a small house near the old harbour."),
+]
+QUESTIONS = ["Who is Bo?", "hi", "Where was Ana born? Tell me the city and the country, please.", "x" * 40, "Why?",
+             "Who is Bo?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # Untied embeddings: the tied random model only repeats its last input token.
+    path = build_tiny_model(tmp_path_factory.mktemp("fast") / "m", tie_embeddings=False, seed=3)
+    tok = load_tokenizer(str(path))
+    return load_model(str(path)).eval(), ChatFormat(tok)
+
+
+@torch.no_grad()
+def plain_scores(model, fmt: ChatFormat, question: str, answer: str) -> dict[str, np.ndarray]:
+    """One unpadded forward pass over the pair; every statistic from the full log-softmax."""
+    enc = fmt.encode_scored(question, answer)
+    ids = torch.tensor([enc.input_ids])
+    logits = model(input_ids=ids).logits[0].double()
+    rows = torch.log_softmax(logits[enc.answer_start - 1:enc.answer_start - 1 + enc.scored_len], -1)
+    target = ids[0, enc.answer_start:enc.answer_start + enc.scored_len]
+    p = rows.exp()
+    mean = (p * rows).sum(-1)
+    return {"logprobs": rows.gather(-1, target[:, None])[:, 0].numpy(),
+            "argmax_match": (rows.argmax(-1) == target).numpy(), "dist_mean": mean.numpy(),
+            "dist_std": (p * (rows - mean[:, None]) ** 2).sum(-1).sqrt().numpy(), "token_ids": target.numpy()}
+
+
+@torch.no_grad()
+def plain_greedy_tokens(model, prompt: list[int], stops: set[int], max_new_tokens: int) -> list[int]:
+    """One full forward pass over the whole sequence per generated token; no cache, no padding."""
+    seq, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        nxt = int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+        if nxt in stops:
+            break
+        out.append(nxt)
+        seq.append(nxt)
+    return out
+
+
+def plain_greedy(model, fmt: ChatFormat, question: str, max_new_tokens: int) -> str:
+    out = plain_greedy_tokens(model, fmt.prompt_ids(question), set(stop_token_ids(fmt)), max_new_tokens)
+    return fmt.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def assert_same_scores(got, want: dict[str, np.ndarray], what) -> None:
+    np.testing.assert_array_equal(got.token_ids, want["token_ids"], err_msg=str(what))
+    for key in ("logprobs", "dist_mean", "dist_std"):
+        np.testing.assert_allclose(getattr(got, key), want[key], rtol=0, atol=ATOL, err_msg=f"{what} {key}")
+        assert np.isfinite(getattr(got, key)).all()
+    np.testing.assert_array_equal(got.argmax_match, want["argmax_match"], err_msg=str(what))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 32])
+def test_scores_equal_one_plain_forward_per_pair(tiny, batch_size):
+    model, fmt = tiny
+    got = score_pairs(model, fmt, PAIRS, batch_size=batch_size)
+    assert len(got) == len(PAIRS)
+    for pair, scores in zip(PAIRS, got):
+        assert_same_scores(scores, plain_scores(model, fmt, *pair), pair)
+
+
+def test_answer_only_scoring_and_one_token_answers(tiny):
+    model, tok_fmt = tiny
+    fmt = ChatFormat(tok_fmt.tokenizer, scored_tokens="answer")
+    got = score_pairs(model, fmt, PAIRS, batch_size=4)
+    one_token = [s for (q, a), s in zip(PAIRS, got) if q and len(fmt.answer_ids(a)) == 1]
+    assert one_token and all(len(s) == 1 for s in one_token)  # scored from the prefill alone
+    for pair, scores in zip(PAIRS, got):
+        assert_same_scores(scores, plain_scores(model, fmt, *pair), pair)
+
+
+def test_generations_equal_plain_greedy_and_share_the_scoring_prefill(tiny):
+    model, fmt = tiny
+    budgets = [12, 3, 12, 12, 1, 7]  # "Who is Bo?" twice, with different budgets
+    scores, answers = score_and_generate(model, fmt, PAIRS, QUESTIONS, max_new_tokens=budgets, batch_size=2)
+    want = [plain_greedy(model, fmt, q, b) for q, b in zip(QUESTIONS, budgets)]
+    assert answers == want
+    assert answers[0].startswith(answers[5])  # the shorter budget's answer is a prefix of the longer's
+    assert any(len(a) > 2 for a in answers), "the random model should produce some text for this test to mean anything"
+    for pair, s in zip(PAIRS, scores):
+        assert_same_scores(s, plain_scores(model, fmt, *pair), pair)
+    # generation alone gives the same answers as with scoring
+    assert generate_answers(model, fmt, QUESTIONS, max_new_tokens=budgets, batch_size=3) == want
+
+
+def test_each_prompt_is_prefilled_once(tiny, monkeypatch):
+    model, fmt = tiny
+    prefilled: list[int] = []
+    real = forward.prefill
+
+    def counting(runner, prompts, pad_id):
+        prefilled.extend(map(tuple, prompts))
+        return real(runner, prompts, pad_id)
+
+    import obliviate.evaluation.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "prefill", counting)
+    score_and_generate(model, fmt, PAIRS, QUESTIONS, max_new_tokens=4, batch_size=2)
+    distinct = {q for q, _ in PAIRS if q} | set(QUESTIONS)
+    assert sorted(prefilled) == sorted(tuple(fmt.prompt_ids(q)) for q in distinct)
+    # every pair and every question lands in exactly one batch
+    batches = plan_batches(fmt, PAIRS, QUESTIONS, batch_size=2)
+    assert sorted(i for b in batches for i in b.pairs) == list(range(len(PAIRS)))
+    assert sorted(j for b in batches for j in b.generate) == list(range(len(QUESTIONS)))
+    assert all(len(b.prompts) <= 2 for b in batches)
+
+
+def test_output_layer_runs_only_at_scored_positions(tiny, monkeypatch):
+    """The LM head sees each scored position once (the prompt's last position once per prompt),
+    at most a chunk of rows at a time, and never the prompt's other positions."""
+    model, fmt = tiny
+    head = model.get_output_embeddings()
+    seen: list[int] = []
+    hook = head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[:-1].numel()))
+    monkeypatch.setattr(forward, "LOGIT_BYTES_PER_CHUNK", 4 * Runner(model).vocab_size * 3)  # 3 rows per chunk
+    pairs = [p for p in PAIRS if p[0]]
+    try:
+        score_pairs(model, fmt, pairs, batch_size=32)
+    finally:
+        hook.remove()
+    unique = list(dict.fromkeys(pairs))
+    prompts = {q for q, _ in unique}
+    scored = sum(fmt.encode_scored(q, a).scored_len for q, a in unique)
+    assert max(seen) <= 3
+    assert sum(seen) == scored - len(unique) + len(prompts)
+
+
+def test_finished_rows_leave_the_batch(tiny, monkeypatch):
+    model, fmt = tiny
+    widths: list[int] = []
+    runner = Runner(model)
+    real = runner.states
+
+    def recording(ids, mask, *args, **kw):
+        widths.append(ids.shape[0])
+        return real(ids, mask, *args, **kw)
+
+    monkeypatch.setattr(runner, "states", recording)
+    prompts = [fmt.prompt_ids(q) for q in QUESTIONS[:4]]
+    budgets = [1, 2, 5, 9]
+    out = greedy_batch(model, prompts, [], fmt.tokenizer.pad_token_id, budgets, runner=runner)
+    assert [len(o) for o in out] == budgets  # no stop tokens: each row runs to its own budget
+    # the prefill, then one step per token after the first, with only the unfinished rows
+    assert widths == [4] + [3] + [2] * 3 + [1] * 4
+    assert out == [plain_greedy_tokens(model, p, set(), b) for p, b in zip(prompts, budgets)]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_batch(model, prompts, [], 0, [1, 0, 1, 1])
+
+
+def test_models_whose_logits_are_not_the_head_of_the_decoder_fall_back(tiny):
+    """A model that post-processes its logits (here: scaled) is scored from its own logits."""
+    model, fmt = tiny
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                    logits_to_keep=0):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
+            out.logits = out.logits * 0.5
+            return out
+
+        def get_decoder(self):
+            return self.inner.get_decoder()
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+    scaled = Scaled(model).eval()
+    runner = Runner(scaled)
+    assert runner.head is None and runner.body is scaled
+    got = score_pairs(scaled, fmt, PAIRS[:4], batch_size=2)
+    for pair, s in zip(PAIRS[:4], got):
+        assert_same_scores(s, plain_scores(scaled, fmt, *pair), pair)
+    assert Runner(model).head is model.get_output_embeddings()
+
+
+# ----------------------------------------------------------------------------------------------
+# cheap evaluation where a full one is not needed (trajectory points) and per-set token budgets
+
+
+def _sets():
+    from obliviate.data.qa import QADataset, QAExample
+
+    def qa(q, a, para=None, pert=()):
+        return QAExample(q, a, para, list(pert))
+
+    forget = [qa("Where was Ana born?", "In Lisbon.", "Ana was born in Lisbon.", ["In Oslo.", "In Rome."]),
+              qa("What did Ana write?", "Novels.", "She wrote novels.", ["Poems.", "Plays."]),
+              qa("When did Ana die?", "In 2001.", "She died in 2001.", ["In 1990.", "In 1980."])]
+    retain = [qa("Who is Bo?", "A painter.", "Bo paints.", ["A singer.", "A cook."]),
+              qa("Where does Bo live?", "In Riga, a city by the Baltic sea.", None, ["In Kyiv.", "In Oslo."])]
+    authors = [qa("Who wrote Hamlet?", "Shakespeare", None, ["Dickens", "Austen"])]
+    facts = [qa("Capital of France?", "Paris", None, ["Rome", "Berlin"])]
+    return {"forget": QADataset(forget, "forget.jsonl"), "retain": QADataset(retain, "retain.jsonl"),
+            "real_authors": QADataset(authors, "ra.jsonl"), "world_facts": QADataset(facts, "wf.jsonl")}
+
+
+def test_likelihood_evaluation_equals_the_full_evaluations_log_prob_numbers(tiny):
+    from obliviate.evaluation import evaluate as ev
+
+    model, fmt = tiny
+    sets = _sets()
+    oracle = ev.evaluate_model(model, fmt.tokenizer, sets, fmt=fmt, max_new_tokens=2, progress=False)
+    # another model's full evaluation against that oracle, and its log-prob-only evaluation
+    other = build_tiny_model(fmt.tokenizer.name_or_path + "-other", tie_embeddings=False, seed=5)
+    other_model = load_model(str(other)).eval()
+    full = ev.summary_row(ev.evaluate_model(other_model, fmt.tokenizer, sets, fmt=fmt, max_new_tokens=2,
+                                            oracle=oracle, progress=False))
+    cheap = ev.evaluate_likelihoods(other_model, sets, fmt, oracle=oracle)  # the same batches as the full one
+    assert list(cheap)[:len(full)] == list(full)  # the summary row's keys, in its order
+    for key, value in full.items():
+        if "rouge" in key or key == "model_utility":
+            assert cheap[key] is None, key  # needs generation: absent
+        else:
+            assert cheap[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert 0 < full["forget_quality"] < 1  # a real comparison, not the oracle against itself
+    assert cheap["logprob_utility"] == pytest.approx(ev.logprob_utility(full))
+
+
+def test_logprob_utility_is_the_harmonic_mean_without_rouge():
+    from obliviate.evaluation.evaluate import logprob_utility
+
+    row = {"retain_probability": 0.5, "retain_truth_ratio": 0.25, "retain_rouge": 0.9,
+           "real_authors_probability": 0.5, "real_authors_truth_ratio": 1.0, "real_authors_rouge": None,
+           "world_facts_probability": 0.25, "world_facts_truth_ratio": 0.5}
+    # 6 / (2 + 4 + 2 + 1 + 4 + 2), by hand
+    assert logprob_utility(row) == pytest.approx(6 / 15)
+    assert logprob_utility({**row, "world_facts_probability": 0.0}) == 0.0
+    assert logprob_utility({k: v for k, v in row.items() if k != "retain_truth_ratio"}) is None
+
+
+def test_length_budget_bounds_each_set_by_its_own_answers(tiny):
+    from obliviate.evaluation import evaluate as ev
+
+    model, fmt = tiny
+    sets = _sets()
+    longest = {name: max(len(fmt.answer_ids(e.answer)) for e in ds) for name, ds in sets.items()}
+    budgets = ev.set_token_budgets(sets, fmt, 20, 1.5)
+    assert budgets == {name: min(20, -(-3 * n // 2)) for name, n in longest.items()}
+    assert budgets["retain"] == 20 and budgets["world_facts"] < 20  # capped; bounded by the set's answers
+    assert ev.set_token_budgets(sets, fmt, 20, None) == dict.fromkeys(sets, 20)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--length-budget"):
+            ev.set_token_budgets(sets, fmt, 20, bad)
+
+    bounded = ev.evaluate_model(model, fmt.tokenizer, sets, fmt=fmt, max_new_tokens=20, length_budget=1.5,
+                                progress=False)
+    assert bounded["max_new_tokens_per_set"] == budgets
+    for name, s in bounded["sets"].items():
+        for q, g in zip(s["per_sample"]["question"], s["per_sample"]["generation"]):
+            assert g == plain_greedy(model, fmt, q, budgets[name])
+    plain = ev.evaluate_model(model, fmt.tokenizer, sets, fmt=fmt, max_new_tokens=20, progress=False)
+    assert "max_new_tokens_per_set" not in plain
+    for name in sets:  # the log-prob numbers do not depend on the budget
+        assert bounded["sets"][name]["probability"] == plain["sets"][name]["probability"]
+
+
+def test_tradeoff_figure_plots_the_utility_every_point_has():
+    from obliviate.reporting import plots
+
+    traj = [{"step": 0, "forget_quality": 1e-6, "model_utility": 0.5, "logprob_utility": 0.3, "generated": True},
+            {"step": 1, "forget_quality": 1e-3, "model_utility": None, "logprob_utility": 0.28, "generated": False},
+            {"step": 2, "forget_quality": 0.2, "model_utility": 0.45, "logprob_utility": 0.25, "generated": True}]
+    oracle = {"forget_quality": 1.0, "model_utility": 0.6, "retain_probability": 0.5, "retain_truth_ratio": 0.5,
+              "real_authors_probability": 0.5, "real_authors_truth_ratio": 0.5, "world_facts_probability": 0.5,
+              "world_facts_truth_ratio": 0.5}
+    fig = plots.tradeoff_figure({"npo": traj}, {"oracle": oracle})
+    ax = fig.axes[0]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "npo"]
+    assert list(line.get_ydata()) == [0.3, 0.28, 0.25]  # every point, on one measure
+    assert ax.collections[0].get_offsets().tolist() == [[1.0, 0.5]]  # the oracle on the same measure
+    assert "without ROUGE" in ax.get_ylabel()
+    # trajectories written before (model utility at every point) plot as they did
+    old = [{k: v for k, v in r.items() if k != "logprob_utility"} | {"model_utility": 0.5} for r in traj]
+    ax = plots.tradeoff_figure({"npo": old}, {"oracle": oracle}).axes[0]
+    assert ax.collections[0].get_offsets().tolist() == [[1.0, 0.6]] and "without" not in ax.get_ylabel()
+
+
+def test_length_budget_option_is_checked_before_the_model_loads(tmp_path, small_bench):
+    from typer.testing import CliRunner
+
+    from obliviate.cli.main import app
+
+    res = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "no-model"), "--benchmark", str(small_bench),
+                                   "--out", str(tmp_path / "r"), "--length-budget", "0"])
+    assert res.exit_code == 2 and "--length-budget" in res.output and "positive" in res.output
+    assert not (tmp_path / "r").exists()
