@@ -221,7 +221,10 @@ class _Trajectory:
     def finish(self, unlearned_eval: dict, unlearn_dir: Path) -> None:
         stats = unlearn_dir / "train_stats.json"
         if self.every and stats.exists():
-            steps = int(read_json(stats)["steps"])
+            recorded = read_json(stats)
+            # A calibrated run keeps the weights of its best check, not necessarily its last step's.
+            best = recorded.get("best_step")
+            steps = int(recorded["steps"] if best is None else best)
             self.points[steps] = self._row(steps, unlearned_eval)
             self._write()
 
