@@ -292,8 +292,9 @@ class ReportFigure:
 def run_figures(run: RunData) -> list[ReportFigure]:
     figs = []
     if run.trajectory:
-        anchors = {label: (r.get("forget_quality"), r.get("model_utility")) for label, r in run.models.items()}
-        fig = plots.tradeoff_figure({run.identity.get("method") or "unlearning": run.trajectory}, anchors)
+        # Summary rows: the figure computes from each the same utility as the curve's (without ROUGE
+        # when the trajectory's points were scored by log-probs only).
+        fig = plots.tradeoff_figure({run.identity.get("method") or "unlearning": run.trajectory}, dict(run.models))
         figs.append(ReportFigure("tradeoff", "Forget quality vs model utility", plots.png_bytes(fig)))
     if run.relearn and run.relearn.get("steps"):
         figs.append(ReportFigure("relearn", "Relearning attack", plots.png_bytes(plots.relearn_figure(run.relearn))))
