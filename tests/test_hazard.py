@@ -105,6 +105,8 @@ def test_relearn_split_separates_covered_from_uncovered_facts(tmp_path):
             assert any(mentions(d, item.meta["entity_name"]) and mentions(d, item.meta["value"]) for d in relearn)
         for item in data.mc["forget"]:  # every forget question's fact is stated in the forget corpus
             assert any(mentions(d, item.meta["entity_name"]) and mentions(d, item.meta["value"]) for d in forget)
+        for domain in data.entities.values():  # no two entities of a domain share a name's head
+            assert len({e.name[:4] for e in domain}) == len(domain)
         for item in data.mc["forget_holdout"]:  # holdout entities are in no corpus
             assert not any(mentions(d, item.meta["entity_name"]) for d in forget + retain + relearn)
         for item in data.mc["retain"]:
@@ -119,7 +121,7 @@ def test_mentions_is_whole_words():
 
 
 def test_domains_have_enough_values_and_no_shared_names():
-    assert not set(CRYSTALS.names) & set(ENGINES.names)
+    assert not set(CRYSTALS.name_heads) & set(ENGINES.name_heads)
     for domain in (CRYSTALS, ENGINES):
         for attr in domain.attributes:
             assert len(set(attr.values)) == len(attr.values)
@@ -203,13 +205,31 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir):
     assert nll["npo"] > nll["target"]
 
 
-def test_bench_hazard_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def bench_hazard():
     spec = importlib.util.spec_from_file_location(
         "bench_hazard", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_hazard.py")
     assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    record = bench.main(["--smoke", "--results", str(tmp_path)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_relearn_summary_by_hand(bench_hazard):
+    # unlearning took uncovered accuracy from 0.75 (target) to 0.25; relearning brings it to 0.5: half back.
+    curve = {"steps": [0, 10], "forget_uncovered": [0.25, 0.5], "forget_holdout": [0.25, 0.3]}
+    oracle = {"steps": [0, 10], "forget_uncovered": [0.25, 0.35], "forget_holdout": [0.25, 0.25]}
+    s = bench_hazard.relearn_summary(curve, 0.75, oracle)
+    assert s["at_step"] == 10 and s["recovery"] == pytest.approx(0.5)
+    assert s["oracle_gain"] == pytest.approx(0.2) and s["holdout_gain"] == pytest.approx(0.1)
+    assert s["recovery_beyond_oracle"] == pytest.approx(0.3) and s["recovery_beyond_holdout"] == pytest.approx(0.4)
+    # nothing was removed (the unlearned model is as good as the target): no recovery to speak of
+    none = bench_hazard.relearn_summary({**curve, "forget_uncovered": [0.75, 0.8]}, 0.75, oracle)
+    assert none["recovery"] is None and none["oracle_gain"] is None and none["recovery_beyond_holdout"] is None
+
+
+def test_bench_hazard_smoke(tmp_path, bench_hazard):
+    record = bench_hazard.main(["--smoke", "--results", str(tmp_path)])
     saved = json.loads((tmp_path / "hazard-smoke.json").read_text())
     table = (tmp_path / "hazard-smoke.md").read_text()
     assert set(saved["accuracy"]) == {"base", "target", "oracle", "rmu", "npo", "npo+wagle"}
