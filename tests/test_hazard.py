@@ -247,3 +247,34 @@ def test_bench_hazard_smoke(tmp_path, bench_hazard):
         assert summary["at_step"] == 2 and summary["uncovered_start"] == saved["relearn"][label]["curve"][
             "forget_uncovered"][0]
     assert record["name"] == "smoke" and (tmp_path / "hazard-smoke-runs" / "npo-wagle" / "model").is_dir()
+
+
+def test_wagle_gradients_on_the_corpus_are_document_nll_gradients(tmp_path, tiny_model_dir):
+    """WAGLE reads documents as any rows: its retain gradient on a corpus is the gradient of the mean NLL
+    over every document token, checked against one unpadded forward per document."""
+    import torch
+
+    from obliviate.attribution.wagle import compute_wagle_mask, retain_gradient
+    from obliviate.data.chat import ChatFormat
+    from obliviate.methods import build_method
+    from obliviate.models.loading import load_model, load_tokenizer
+
+    bench = load_hazard(write_hazard(generate_hazard(HazardConfig(**SMALL)), tmp_path / "h"))
+    forget, retain = bench.corpus("forget"), bench.corpus("retain")
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir))
+    fmt = ChatFormat(tok)
+    params = {n: p for n, p in model.named_parameters() if "layers.1.mlp" in n}
+    got = retain_gradient(model, fmt, retain, params, batch_size=3)
+    model.zero_grad()
+    total, count = 0.0, 0
+    for doc in retain:  # the reference: BOS + the document's tokens, every token after BOS predicted
+        ids = torch.tensor([[tok.bos_token_id] + tok(doc.answer, add_special_tokens=False)["input_ids"]])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        total = total - logp.gather(1, ids[0, 1:, None]).sum()
+        count += ids.shape[1] - 1
+    (total / count).backward()
+    for name, p in params.items():
+        assert torch.allclose(got[name], p.grad, rtol=1e-4, atol=1e-7), name
+    mask = compute_wagle_mask(model, fmt, build_method("npo"), forget, retain, None)
+    assert 0.15 < mask.report["share"] < 0.25  # rho = 0.2 of the candidate weights
