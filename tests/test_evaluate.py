@@ -347,3 +347,21 @@ def test_model_scores_score_only_what_is_missing(tiny):
         scores.get([("Q4?", "A4")])
     with pytest.raises(ValueError, match="prompt layout"):
         scores.ensure(model, ChatFormat(tok, system_prompt="Be brief."), [("Q4?", "A4")])
+
+
+def test_holdout_truth_ratio_when_every_row_has_perturbed_answers(tiny):
+    """A holdout with perturbed answers on every row gets per-sample truth ratios (the verdict compares
+    them with the forget set's), computed as the forget set's are; one with none, or only some, gets
+    none and is no error (TOFU's holdout has question and answer only)."""
+    model, tok = tiny
+    rows = [qa("Q1?", "A1", "P1", ["W1", "V1"], row=1), qa("Q2?", "A2", None, ["W2"], row=2)]
+    both = {"forget": QADataset(rows, "forget.jsonl"), "holdout": QADataset(rows, "holdout.jsonl")}
+    result = ev.evaluate_model(model, tok, both, max_new_tokens=2, progress=False)
+    forget, holdout = result["sets"]["forget"], result["sets"]["holdout"]
+    assert holdout["per_sample"]["truth_ratio_raw"] == pytest.approx(forget["per_sample"]["truth_ratio_raw"])
+    assert len(holdout["per_sample"]["truth_ratio_raw"]) == 2 and holdout["truth_ratio"] is not None
+    for held in ([qa("Q1?", "A1", row=1)], [rows[0], qa("Q3?", "A3", row=3)]):
+        result = ev.evaluate_model(model, tok, {"holdout": QADataset(held, "holdout.jsonl")}, max_new_tokens=2,
+                                   progress=False)
+        assert result["sets"]["holdout"]["truth_ratio"] is None
+        assert result["sets"]["holdout"]["per_sample"].get("truth_ratio_raw") is None

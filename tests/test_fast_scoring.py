@@ -331,3 +331,46 @@ def test_length_budget_option_is_checked_before_the_model_loads(tmp_path, small_
                                    "--out", str(tmp_path / "r"), "--length-budget", "0"])
     assert res.exit_code == 2 and "--length-budget" in res.output and "positive" in res.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("joinable", [True, False])
+def test_rows_join_the_decoding_batch_as_others_finish(tiny, monkeypatch, joinable):
+    """One pool of 3 rows for 7 questions whose prompts are much shorter and much longer than the
+    running batch's cache: while questions wait, every step runs 3 rows (a row joins as soon as one
+    leaves), and each answer equals one full forward per token. With caches that cannot be joined
+    the rows wait for the batch to empty: the same answers, batch by batch."""
+    from obliviate.evaluation import generation
+
+    model, fmt = tiny
+    monkeypatch.setattr(generation, "_joinable", lambda cache: joinable)
+    questions = ["hi", "Who is Bo?", "x" * 60, "Why?", "Where was Ana born? Tell me the city and the country.",
+                 "y" * 90, "ok"]
+    budgets = [9, 2, 5, 13, 1, 7, 4]
+    runner = Runner(model)
+    widths: list[int] = []
+    real = runner.states
+
+    def recording(ids, mask, *args, **kw):
+        if ids.shape[1] == 1:
+            widths.append(ids.shape[0])
+        return real(ids, mask, *args, **kw)
+
+    monkeypatch.setattr(runner, "states", recording)
+    pool = generation.DecodePool(runner, 3, [])  # no stop tokens: every row runs to its budget
+    pad = fmt.tokenizer.pad_token_id
+    for start in range(0, len(questions), 2):  # prefills of 2 prompts, queued as the pool makes room
+        rows = list(range(start, min(start + 2, len(questions))))
+        pool.add(forward.prefill(runner, [fmt.prompt_ids(questions[j]) for j in rows], pad), range(len(rows)), rows,
+                 [budgets[j] for j in rows])
+        pool.run_while_full()
+        # decoding keeps no autograd graph, even when called with gradients on (it would hold every step's cache)
+        assert pool.cache is None or not pool.cache.layers[0].keys.requires_grad
+    pool.drain()
+    for j, q in enumerate(questions):
+        assert pool.done[j] == plain_greedy_tokens(model, fmt.prompt_ids(q), set(), budgets[j]), q
+    assert sum(widths) == sum(budgets) - len(budgets)  # one step per token after each row's first
+    if joinable:
+        assert widths[:8] == [3] * 8  # full while questions wait
+        assert len(widths) < max(budgets) + 8
+    else:
+        assert len(widths) > len(set(widths))  # batch by batch: each batch's rows finish down to one

@@ -43,7 +43,6 @@ from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
 from obliviate.data.qa import QADataset, write_qa_jsonl
 from obliviate.data.sources import DataSpec, as_dataset
 from obliviate.errors import UserError
-from obliviate.evaluation import tofu
 from obliviate.evaluation.evaluate import eval_sets_from_benchmark, load_eval, save_eval, summary_row
 from obliviate.evaluation.privacy import privacy_of_models, privacy_pairs, privacy_rows
 from obliviate.evaluation.scores import ModelScores
@@ -52,7 +51,6 @@ from obliviate.evaluation.verdict import (
     SAME,
     Settings,
     log_prob_pairs,
-    log_prob_values,
     run_evidence,
     run_verdict,
 )
@@ -358,22 +356,9 @@ def _evaluate(folder: Path, bench: Benchmark, models: dict[str, Path], cfg: Forg
                                          batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
                                          dtype=cfg.dtype, system_prompt=cfg.system_prompt, max_length=cfg.max_length,
                                          progress=progress, trust_remote_code=cfg.trust_remote_code)
-        _holdout_truth_ratios(evaluation.result, evaluation.scores, holdout)
         save_eval(evaluation.result, path)
         scores[label] = evaluation.scores
     return scores
-
-
-def _holdout_truth_ratios(result: dict[str, Any], scores: ModelScores, holdout: QADataset) -> None:
-    """The holdout set's per-sample truth ratios (the evaluation gives them to the forget set only),
-    from the model's scores, so the verdict's truth-ratio criterion can compare the two; nothing
-    when the holdout rows have no perturbed answers."""
-    held = result["sets"]["holdout"]
-    ratios = log_prob_values(scores, holdout)["truth_ratio"] if held["per_sample"].get("truth_ratio_raw") is None \
-        else None
-    if ratios is not None:
-        held["per_sample"]["truth_ratio_raw"] = ratios
-        held["truth_ratio"] = tofu.aggregate_truth_ratio(ratios, forget=False)
 
 
 def _privacy(folder: Path, bench: Benchmark, models: dict[str, Path], cfg: ForgetConfig, resume: bool,

@@ -29,11 +29,10 @@ from obliviate.evaluation.evaluate import (
     save_eval,
     summary_row,
 )
-from obliviate.evaluation.mia import DEFAULT_K
 from obliviate.evaluation.privacy import privacy_of_models, privacy_pairs, privacy_rows
 from obliviate.evaluation.sacrifice import sacrifice_rates
 from obliviate.evaluation.scores import ModelScores
-from obliviate.evaluation.verdict import Evidence, Settings, log_prob_pairs, log_prob_values, run_verdict
+from obliviate.evaluation.verdict import Evidence, Settings, log_prob_pairs, run_verdict
 from obliviate.methods import Procedure, build_method
 from obliviate.models.loading import DEFAULT_MODEL, load_tokenizer
 from obliviate.reporting.model_card import model_card_info, write_model_card
@@ -71,22 +70,6 @@ def verdict(evals: dict[str, dict], privacy: dict | None, settings: Settings | N
     if privacy is not None:
         files["privacy"] = "privacy.json"
     return run_verdict(Evidence(evals=dict(evals), privacy=dict(privacy or {}), files=files), settings or Settings())
-
-
-def _with_holdout_truth_ratios(result: dict[str, Any], scores: ModelScores, holdout) -> bool:
-    """Add the holdout set's per-sample truth ratios to an ``eval.json`` dict that lacks them, from the
-    model's scores (the holdout's paraphrased and perturbed answers were scored as extra pairs): the
-    verdict's truth-ratio criterion compares them with the forget set's. False when nothing was added
-    (no perturbed answers on the holdout, or the evaluation has its truth ratios already)."""
-    held = result["sets"].get("holdout")
-    if held is None or held["per_sample"].get("truth_ratio_raw") is not None:
-        return False
-    ratios = log_prob_values(scores, holdout, DEFAULT_K)["truth_ratio"]
-    if ratios is None:
-        return False
-    held["per_sample"]["truth_ratio_raw"] = ratios
-    held["truth_ratio"] = tofu.aggregate_truth_ratio(ratios, forget=False)
-    return True
 
 
 def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineConfig, *, overwrite: bool = False,
@@ -128,8 +111,6 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
         evaluation = api.evaluate_scored(model_dir, sets, run.path, label=label, oracle_eval=oracle,
                                          extra_pairs=privacy_needs, **eval_common)
         scores[label] = evaluation.scores  # privacy reads these instead of running the model again
-        if holdout is not None and _with_holdout_truth_ratios(evaluation.result, evaluation.scores, holdout):
-            save_eval(evaluation.result, path)
         if cache is not None:
             save_eval(evaluation.result, cache)
         return evaluation.result

@@ -14,13 +14,13 @@ Splits are loaded lazily, on first use, and cached.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from obliviate.data.layout import inside, prepare_benchmark_directory, sha256_bytes
 from obliviate.data.qa import (
     QA_SUFFIXES,
     DataError,
@@ -72,9 +72,6 @@ def tofu_roles(forget_split: str = "forget10") -> dict[str, str]:
     }
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
 
 @dataclass
 class Benchmark:
@@ -116,9 +113,9 @@ class Benchmark:
         if name not in self._fingerprints:
             if self.from_hub:
                 rows = [e.to_json() for e in self.split(role)]
-                self._fingerprints[name] = _sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode())
+                self._fingerprints[name] = sha256_bytes(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode())
             else:
-                self._fingerprints[name] = _sha256(self.files[name].read_bytes())
+                self._fingerprints[name] = sha256_bytes(self.files[name].read_bytes())
         return self._fingerprints[name]
 
     def describe(self) -> dict[str, Any]:
@@ -137,7 +134,7 @@ class Benchmark:
         path = self.files[name]
         if not path.is_file():
             raise DataError(str(path), None, f"split file for role '{role}' not found")
-        digest = _sha256(path.read_bytes())
+        digest = sha256_bytes(path.read_bytes())
         expected = self.checksums.get(name)
         if expected is not None and digest != expected:
             raise DataError(str(path), None, f"file changed since {MANIFEST} was written "
@@ -243,9 +240,10 @@ def _from_manifest(directory: Path) -> Benchmark:
 
 def _split_path(directory: Path, file: Any, source: str) -> Path:
     """A manifest's file entry, which must stay inside the benchmark directory."""
-    if not isinstance(file, str) or Path(file).is_absolute() or ".." in Path(file).parts:
+    path = inside(directory, file)
+    if path is None:
         raise DataError(source, None, f"split file must be a relative path inside the directory, got {file!r}")
-    return directory / file
+    return path
 
 
 def _check_role_name(role: str, source: str) -> None:
@@ -285,37 +283,13 @@ def write_benchmark_dir(splits: Mapping[str, Sequence[QAExample]], directory: st
             raise ValueError(f"split name {split!r} is not a plain file name")
         if not rows:
             raise ValueError(f"split '{split}' is empty")
-    _prepare_directory(directory, overwrite)
+    prepare_benchmark_directory(directory, overwrite=overwrite, manifest=MANIFEST, what="benchmark",
+                                listed_files=lambda old: [e["file"] for e in old["splits"].values()])
     entries = {}
     for split, rows in splits.items():
         file = write_qa_jsonl(rows, directory / f"{split}.jsonl")
-        entries[split] = {"file": file.name, "rows": len(rows), "sha256": _sha256(file.read_bytes())}
+        entries[split] = {"file": file.name, "rows": len(rows), "sha256": sha256_bytes(file.read_bytes())}
     manifest = {"format": MANIFEST_FORMAT, "name": name, "seed": seed, "config": config,
                 "roles": roles, "splits": entries}
     atomic_write_json(directory / MANIFEST, manifest)
     return directory
-
-
-def _prepare_directory(directory: Path, overwrite: bool) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a directory")
-    if not directory.exists() or not any(directory.iterdir()):
-        directory.mkdir(parents=True, exist_ok=True)
-        return
-    manifest = directory / MANIFEST
-    if not overwrite:
-        raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace the benchmark in it")
-    if not manifest.is_file():
-        raise FileExistsError(f"{directory} is not empty and holds no {MANIFEST}; refusing to overwrite a "
-                              "directory that is not a benchmark")
-    try:
-        old = json.loads(manifest.read_text(encoding="utf-8"))
-        old_files = [e["file"] for e in old.get("splits", {}).values()]
-    except (ValueError, AttributeError, KeyError, TypeError, RecursionError):
-        old_files = []  # an unreadable old manifest (bad JSON or UTF-8, wrong shape): only it is replaced
-    for file in old_files:
-        try:
-            _split_path(directory, file, str(manifest)).unlink(missing_ok=True)
-        except DataError:
-            continue  # never delete outside the directory
-    manifest.unlink()

@@ -59,7 +59,6 @@ takes them as documents), questions with ``data.multiple_choice.load_mc`` (``que
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import random
@@ -68,6 +67,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from obliviate.data.layout import prepare_benchmark_directory, sha256_bytes
 from obliviate.data.multiple_choice import MCItem, MCSet, load_mc_file, write_mc_jsonl
 from obliviate.data.qa import DataError, QADataset, QAExample, load_qa_file, write_qa_jsonl
 from obliviate.data.text import documents_as_qa, load_text_corpus
@@ -540,30 +540,9 @@ of the same split. Checksums: {manifest}.
 """
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
 
 def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def _prepare_directory(directory: Path, overwrite: bool) -> None:
-    """An empty (or new) directory, or with ``overwrite`` one holding a previous hazard benchmark,
-    whose listed files are removed (other files are left alone)."""
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a directory")
-    if not directory.exists() or not any(directory.iterdir()):
-        directory.mkdir(parents=True, exist_ok=True)
-        return
-    manifest = directory / MANIFEST
-    if not overwrite:
-        raise FileExistsError(f"{directory} is not empty; pass --overwrite (overwrite=True) to replace the "
-                              "benchmark in it")
-    if not manifest.is_file():
-        raise FileExistsError(f"{directory} is not empty and holds no {MANIFEST}; refusing to overwrite a "
-                              "directory that is not a hazard benchmark")
-    manifest.unlink()  # the files are rewritten below, at the fixed paths of FILES
 
 
 def write_hazard(data: HazardData, directory: str | Path, overwrite: bool = False) -> Path:
@@ -572,7 +551,8 @@ def write_hazard(data: HazardData, directory: str | Path, overwrite: bool = Fals
     Refuses a non-empty directory unless ``overwrite=True`` (and then only one holding a previous
     hazard benchmark). Load it back with :func:`load_hazard`."""
     directory = Path(directory)
-    _prepare_directory(directory, overwrite)
+    prepare_benchmark_directory(directory, overwrite=overwrite, manifest=MANIFEST, what="hazard benchmark",
+                                listed_files=lambda old: FILES.values())  # fixed paths, rewritten below
     written: dict[str, tuple[Path, int]] = {}
     for name in CORPORA:
         key = f"{name}_corpus"
@@ -581,7 +561,7 @@ def write_hazard(data: HazardData, directory: str | Path, overwrite: bool = Fals
     for name in MC_SETS:
         key = f"mc_{name}"
         written[key] = write_mc_jsonl(data.mc[name], directory / FILES[key]), len(data.mc[name])
-    entries = {key: {"file": FILES[key], "rows": n, "sha256": _sha256(path.read_bytes())}
+    entries = {key: {"file": FILES[key], "rows": n, "sha256": sha256_bytes(path.read_bytes())}
                for key, (path, n) in written.items()}
     config = data.config
     atomic_write_text(directory / README, HAZARD_README.format(
@@ -615,7 +595,7 @@ class HazardBenchmark:
         if not path.is_file():
             raise DataError(str(path), None, f"file for '{key}' not found; regenerate the benchmark "
                             "(obliviate synth-hazard --overwrite)")
-        digest = _sha256(path.read_bytes())
+        digest = sha256_bytes(path.read_bytes())
         if digest != entry.get("sha256"):
             raise DataError(str(path), None, f"file changed since {MANIFEST} was written (sha256 {digest[:12]}...); "
                             "regenerate the benchmark (obliviate synth-hazard --overwrite)")

@@ -32,7 +32,6 @@ each fetched on first use. :func:`generate_muse` makes a small synthetic benchma
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -42,6 +41,7 @@ from typing import Any, Mapping, Sequence
 
 import huggingface_hub  # module attributes, looked up per call (tests replace them)
 
+from obliviate.data.layout import prepare_benchmark_directory, sha256_bytes
 from obliviate.data.qa import DataError, QADataset, QAExample, load_qa_file, parse_json, raw_rows, read_text
 from obliviate.data.specs import hub_unreachable, looks_like_path, missing_path_reason
 from obliviate.data.synthetic import ATTRIBUTES, FULL_NAMES, Attribute
@@ -81,9 +81,6 @@ def expected_file(role: str) -> str:
     subset, names, _ = ROLES[role]
     return f"{subset}/{names[0]}.jsonl"
 
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -335,7 +332,8 @@ def write_muse_dir(splits: Mapping[str, Sequence[Any]], directory: str | Path, *
         _check_role(role)
         if not rows:
             raise ValueError(f"split for role '{role}' is empty")
-    _prepare_directory(directory, overwrite)
+    prepare_benchmark_directory(directory, overwrite=overwrite, manifest=MANIFEST, what="MUSE benchmark",
+                                listed_files=lambda old: [e["file"] for e in old["files"].values()])
     entries = {}
     for role, rows in splits.items():
         subset, names, kind = ROLES[role]
@@ -347,34 +345,10 @@ def write_muse_dir(splits: Mapping[str, Sequence[Any]], directory: str | Path, *
             records = [e.to_json() for e in rows]
         rel = f"{subset}/{names[0]}.jsonl"
         file = atomic_write_text(directory / rel, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        entries[role] = {"file": rel, "rows": len(rows), "sha256": _sha256(file.read_bytes())}
+        entries[role] = {"file": rel, "rows": len(rows), "sha256": sha256_bytes(file.read_bytes())}
     atomic_write_json(directory / MANIFEST, {"format": MANIFEST_FORMAT, "name": name, "seed": seed,
                                              "config": config, "files": entries})
     return directory
-
-
-def _prepare_directory(directory: Path, overwrite: bool) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a directory")
-    if not directory.exists() or not any(directory.iterdir()):
-        directory.mkdir(parents=True, exist_ok=True)
-        return
-    manifest = directory / MANIFEST
-    if not overwrite:
-        raise FileExistsError(f"{directory} is not empty; pass --overwrite to replace the MUSE benchmark in it")
-    if not manifest.is_file():
-        raise FileExistsError(f"{directory} is not empty and holds no {MANIFEST}; refusing to overwrite a "
-                              "directory that is not a MUSE benchmark")
-    try:
-        old = json.loads(manifest.read_text(encoding="utf-8"))
-        old_files = [e["file"] for e in old["files"].values()]
-    except (ValueError, AttributeError, KeyError, TypeError, RecursionError):
-        old_files = []  # an unreadable old manifest: only it is replaced
-    for rel in old_files:
-        parts = Path(rel).parts if isinstance(rel, str) else ("..",)
-        if len(parts) == 2 and ".." not in parts and not Path(rel).is_absolute():  # never outside the directory
-            (directory / rel).unlink(missing_ok=True)
-    manifest.unlink()
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,10 @@ SET_ROLES = {
     "eval_world_facts": "world_facts",
     "holdout": "holdout",
 }
-TRUTH_RATIO_SETS = ("forget", "retain", "real_authors", "world_facts")
+TRUTH_RATIO_SETS = ("forget", "retain", "real_authors", "world_facts", "holdout")
+# Sets with a truth ratio only when every row has perturbed answers (TOFU's holdout has none, the
+# synthetic benchmark's has them): the verdict compares the holdout's per-sample ratios with the forget set's.
+OPTIONAL_TRUTH_RATIO_SETS = ("holdout",)
 NORMALISED_SETS = ("real_authors", "world_facts")  # probability is the normalised one
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 UTILITY_METRICS = ("probability", "rouge", "truth_ratio")
@@ -92,7 +95,7 @@ def _has_truth_ratio(name: str, ds: QADataset) -> bool:
     missing = [i for i, ex in enumerate(ds.examples) if not ex.perturbed_answers]
     if not missing:
         return True
-    if len(missing) < len(ds) or name in NORMALISED_SETS:
+    if (len(missing) < len(ds) and name not in OPTIONAL_TRUTH_RATIO_SETS) or name in NORMALISED_SETS:
         first = missing[0]
         raise DataError(ds.source, _row(ds.examples[first], first),
                         f"the {name} set needs 'perturbed_answer' on every row (truth ratio"

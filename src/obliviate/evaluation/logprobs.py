@@ -29,7 +29,7 @@ import torch
 
 from obliviate.data.chat import ChatFormat, Encoded, length_grouped_batches, pad_batch
 from obliviate.evaluation.forward import Prefill, Runner, position_stats, prefill, select_rows
-from obliviate.evaluation.generation import answer_text, budgets_for, decode, pad_token_id, stop_token_ids
+from obliviate.evaluation.generation import DecodePool, answer_text, budgets_for, pad_token_id, stop_token_ids
 
 
 @dataclass
@@ -192,16 +192,17 @@ def _score_documents(runner: Runner, encoded: list[Encoded], pad_id: int) -> lis
 
 @torch.no_grad()
 def run_batch(runner: Runner, fmt: ChatFormat, batch: Batch, pairs: Sequence[tuple[str, str]],
-              encoded: Sequence[Encoded], questions: Sequence[str], budgets: Sequence[int], batch_size: int
-              ) -> tuple[list[TokenScores], list[list[int]]]:
-    """The scores of ``batch.pairs`` and the generated token ids of ``batch.generate``, in those
-    orders (``encoded[i]`` is ``pairs[i]`` as scored, ``budgets[j]`` the token budget of
-    ``questions[j]``): the prompts are prefilled once, the answers scored from the prefill, then
-    the generations decoded from it. Identical pairs are scored once, a question asked twice is
-    answered once (greedy: a shorter budget's answer is the longer one's prefix)."""
+              encoded: Sequence[Encoded], questions: Sequence[str], budgets: Sequence[int], batch_size: int,
+              pool: DecodePool) -> list[TokenScores]:
+    """The scores of ``batch.pairs``, in that order (``encoded[i]`` is ``pairs[i]`` as scored); the
+    questions of ``batch.generate`` are queued on ``pool`` (``budgets[j]`` is ``questions[j]``'s token
+    budget), their answers to come as ``pool.done[question]``. The prompts are prefilled once, the
+    answers are scored from the prefill and the generations decode from it. Identical pairs are scored
+    once, a question asked twice is answered once (greedy: a shorter budget's answer is the longer
+    one's prefix)."""
     pad_id = pad_token_id(fmt)
     if not batch.prompts:
-        return _score_documents(runner, [encoded[i] for i in batch.pairs], pad_id), []
+        return _score_documents(runner, [encoded[i] for i in batch.pairs], pad_id)
     pre = prefill(runner, [fmt.prompt_ids(q) for q in batch.prompts], pad_id)
     row_of = {q: k for k, q in enumerate(batch.prompts)}
     unique = list(dict.fromkeys(pairs[i] for i in batch.pairs))
@@ -210,31 +211,30 @@ def run_batch(runner: Runner, fmt: ChatFormat, batch: Batch, pairs: Sequence[tup
         first_of.setdefault(pairs[i], i)
     scored = _score_from_prefill(runner, pre, [row_of[q] for q, _ in unique], [encoded[first_of[p]] for p in unique],
                                  pad_id, batch_size) if unique else []
-    score_of = dict(zip(unique, scored))
-    generations: list[list[int]] = []
     if batch.generate:
         budget_of: dict[str, int] = {}
         for j in batch.generate:
             budget_of[questions[j]] = max(budget_of.get(questions[j], 0), budgets[j])
-        asked = list(budget_of)
-        rows = [row_of[q] for q in asked]
-        if rows != list(range(len(batch.prompts))):  # only some prompts are answered: a copy of their rows
-            index = torch.tensor(rows, device=runner.device)
-            pre = Prefill(pre.last[index], select_rows(pre.cache, index), pre.mask[index], pre.lengths[index])
-        tokens = dict(zip(asked, decode(runner, pre, [budget_of[q] for q in asked], stop_token_ids(fmt))))
-        generations = [tokens[questions[j]][:budgets[j]] for j in batch.generate]
-    return [score_of[pairs[i]] for i in batch.pairs], generations
+        pool.add(pre, [row_of[q] for q in budget_of], list(budget_of), list(budget_of.values()))
+    score_of = dict(zip(unique, scored))
+    return [score_of[pairs[i]] for i in batch.pairs]
 
 
 # ----------------------------------------------------------------------------------------------
 # whole calls
 
 
+@torch.no_grad()
 def run_batches(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questions: Sequence[str],
                 budgets: Sequence[int], batch_size: int, batches: Sequence[Batch],
                 on_batch: Callable[[Batch, list[TokenScores], list[list[int]]], None]) -> None:
     """Run ``batches`` (from :func:`plan_batches` for these pairs and questions) in eval mode,
-    handing each batch's results to ``on_batch``; the model's train/eval mode is restored after."""
+    handing each batch's scores and generated token ids (in ``batch.pairs`` and ``batch.generate``
+    order) to ``on_batch`` once all of them are done; the model's train/eval mode is restored after.
+
+    Generation runs on one :class:`DecodePool` of ``batch_size`` rows for the whole call: a batch's
+    questions start decoding as earlier questions finish, and the next batch is prefilled and scored
+    when the pool has room."""
     encoded = [fmt.encode_scored(q, a) for q, a in pairs]  # a pair too long fails before any model work
     if not batches:
         return
@@ -242,8 +242,22 @@ def run_batches(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questi
     model.eval()
     try:
         runner = Runner(model)
+        pool = DecodePool(runner, batch_size, stop_token_ids(fmt))
+        waiting: list[tuple[Batch, list[TokenScores]]] = []
+
+        def hand_over_finished() -> None:
+            for item in [w for w in waiting if all(questions[j] in pool.done for j in w[0].generate)]:
+                waiting.remove(item)
+                batch, scores = item
+                on_batch(batch, scores, [pool.done[questions[j]][:budgets[j]] for j in batch.generate])
+
         for batch in batches:
-            on_batch(batch, *run_batch(runner, fmt, batch, pairs, encoded, questions, budgets, batch_size))
+            waiting.append((batch, run_batch(runner, fmt, batch, pairs, encoded, questions, budgets, batch_size,
+                                             pool)))
+            pool.run_while_full()
+            hand_over_finished()
+        pool.drain()
+        hand_over_finished()
     finally:
         model.train(was_training)
 

@@ -9,7 +9,7 @@ its tokenizer keeps ASCII letters and digits only, so texts in other scripts sco
 
 Forget texts are plain text: no chat template. ``data.text.prefix_continuations`` cuts documents
 into (prompt, true continuation) pairs; continuations come from the same greedy decoder as TOFU's
-answers (``evaluation.generation.greedy_batch``) run on raw token ids. KnowMem prompts are plain text
+answers (``evaluation.generation.greedy_many``) run on raw token ids. KnowMem prompts are plain text
 too, as MUSE's code writes them: few-shot examples, then ``Question: ...\nAnswer: `` (greedy, up to
 32 new tokens, cut where the model starts another example).
 
@@ -24,15 +24,15 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, cast
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from obliviate.data.chat import ChatFormat, length_grouped_batches
+from obliviate.data.chat import ChatFormat
 from obliviate.data.muse import EVAL_OPTIONAL_ROLES, EVAL_ROLES, MuseBenchmark, load_muse
 from obliviate.data.qa import DataError
-from obliviate.evaluation.generation import greedy_batch
+from obliviate.evaluation.generation import greedy_many
 from obliviate.evaluation.mia import DEFAULT_K, mia_report, mia_scores, privleak
 from obliviate.evaluation.scores import ModelScores, Pair
 from obliviate.models.loading import check_model_spec, load_model, load_tokenizer
@@ -131,16 +131,8 @@ def continue_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
             raise ValueError(f"prompt {i} is empty after tokenisation")
     stops = text_stop_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    out: list[str | None] = [None] * len(ids)
-    was_training = model.training
-    model.eval()
-    try:
-        for idx in length_grouped_batches([len(r) for r in ids], batch_size, shuffle=False):
-            for i, new in zip(idx, greedy_batch(model, [ids[i] for i in idx], stops, pad_id, max_new_tokens)):
-                out[i] = tokenizer.decode(new, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-    return cast(list[str], out)  # every index is in one batch: no None is left
+    return [tokenizer.decode(new, skip_special_tokens=True)
+            for new in greedy_many(model, ids, stops, pad_id, max_new_tokens, batch_size)]
 
 
 @torch.no_grad()
