@@ -205,3 +205,19 @@ def test_resume_with_gating_and_a_best_checkpoint_is_bit_exact(tiny_model_dir, s
         return [{k: v for k, v in r.items() if k != "seconds"} for r in RunDir(path).read_log()]
 
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def test_the_pipeline_calibrates_on_the_forget_rows_with_their_perturbed_answers(small_bench, tiny_model_dir):
+    """The pipeline's calibrated stopping reads the forget rows with their paraphrased and perturbed
+    answers (the evaluation copy of the same rows), so its truth-ratio test is measured, as the final
+    verdict's is; training sees the same questions and answers."""
+    from obliviate.data.benchmark import load_benchmark
+    from obliviate.pipeline import calibration_forget
+
+    bench = load_benchmark(small_bench)
+    rows = calibration_forget(bench)
+    assert [(e.question, e.answer) for e in rows] == [(e.question, e.answer) for e in bench.split("forget")]
+    assert all(e.perturbed_answers for e in rows) and not any(e.perturbed_answers for e in bench.split("forget"))
+    check = CalibratedCheck(ChatFormat(load_tokenizer(str(tiny_model_dir))), rows, bench.split("holdout"))
+    calls = {c.name: c for c in check.criteria(load_model(str(tiny_model_dir)))[0]}
+    assert calls["knowledge:truth_ratio"].measured

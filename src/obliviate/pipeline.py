@@ -20,6 +20,7 @@ from typing import Any
 from obliviate import api
 from obliviate.data.benchmark import Benchmark, load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
+from obliviate.data.qa import QADataset
 from obliviate.evaluation import tofu
 from obliviate.evaluation.evaluate import (
     eval_sets_from_benchmark,
@@ -210,11 +211,24 @@ class _Trajectory:
             self._write()
 
 
+def calibration_forget(bench: Benchmark) -> QADataset:
+    """The forget split, or its evaluation copy when that holds the same rows (question and answer, in
+    order) with paraphrased and perturbed answers: calibrated stopping's truth-ratio test needs them,
+    and training reads question and answer only, so it trains on the same data either way."""
+    forget = bench.split("forget")
+    if bench.has("eval_forget"):
+        rich = bench.split("eval_forget")
+        if [(e.question, e.answer) for e in rich] == [(e.question, e.answer) for e in forget]:
+            return rich
+    return forget
+
+
 def _unlearn(target: Path, bench: Benchmark, out: Path, cfg: PipelineConfig, resume: bool, common: dict,
              on_eval=None) -> Path:
     # Calibrated against the holdout split; a benchmark without one says so (--no-calibrate runs without).
     calibrate = cfg.calibrate and not isinstance(build_method(cfg.method, **cfg.method_options), Procedure)
-    return api.unlearn(target, bench.split("forget"), bench.split("retain"), out, method=cfg.method,
+    forget = calibration_forget(bench) if calibrate else bench.split("forget")
+    return api.unlearn(target, forget, bench.split("retain"), out, method=cfg.method,
                        method_options=cfg.method_options, train=cfg.unlearn, resume=resume, wagle=cfg.wagle,
                        guard=cfg.guard, on_eval=on_eval, holdout=bench.split("holdout") if calibrate else None,
                        calibrate=cfg.calibrate if calibrate else False, **common)
