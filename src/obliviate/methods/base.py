@@ -126,22 +126,31 @@ class Objective:
         return True
 
 
-def positive(name: str, value) -> float:
-    """``value`` as a finite float > 0, or a ValueError naming the hyperparameter."""
+def _number(name: str, value) -> float:
     try:
-        x = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def positive(name: str, value) -> float:
+    """``value`` as a finite float > 0, or a ValueError naming the hyperparameter."""
+    x = _number(name, value)
     if not math.isfinite(x) or x <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return x
 
 
+def nonnegative(name: str, value) -> float:
+    """``value`` as a finite float >= 0, or a ValueError naming the hyperparameter."""
+    x = _number(name, value)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return x
+
+
 def finite(name: str, value) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    x = _number(name, value)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return x

@@ -40,9 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from obliviate.methods.base import Objective, StepInputs, positive, require_view
+from obliviate.methods.base import Objective, StepInputs, nonnegative, positive, require_view
 from obliviate.methods.common import label_logits, row_means, sequence_logps
-from obliviate.methods.wga import nonnegative
 
 
 @dataclass

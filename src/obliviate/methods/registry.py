@@ -4,11 +4,10 @@ procedures (methods that edit the model in one call instead of training, e.g. Un
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from obliviate.methods.base import Objective, Procedure
+from obliviate.methods.base import Objective, Procedure, nonnegative
 from obliviate.methods.ceu import CrossEntropyUnlearning
 from obliviate.methods.composite import Composite
 from obliviate.methods.dpo import IdkDPO
@@ -114,16 +113,6 @@ def _options(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
 
 
-def _weight(name: str, value) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(x) or x < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return x
-
-
 def _lookup(table: dict[str, type[Objective]], key, role: str) -> type[Objective]:
     if key not in table:
         raise ValueError(f"unknown {role} objective {key!r}; valid: {', '.join(table)}")
@@ -175,7 +164,7 @@ def build_method(name: str, **hparams) -> Composite | Procedure:
     return Composite(
         forget=build(forget_cls),
         retain=build(retain_cls) if retain_cls else None,
-        forget_weight=_weight("forget_weight", hparams.get("forget_weight", 1.0)),
-        retain_weight=_weight("retain_weight", hparams.get("retain_weight", 1.0)),
+        forget_weight=nonnegative("forget_weight", hparams.get("forget_weight", 1.0)),
+        retain_weight=nonnegative("retain_weight", hparams.get("retain_weight", 1.0)),
         name=label,
     )

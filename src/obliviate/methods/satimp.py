@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from obliviate.methods.base import Objective, StepInputs
-from obliviate.methods.wga import nonnegative, weighted_ascent
+from obliviate.methods.base import Objective, StepInputs, nonnegative
+from obliviate.methods.wga import weighted_ascent
 
 
 @dataclass

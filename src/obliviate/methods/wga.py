@@ -16,24 +16,12 @@ p_t itself) and stops the ascent from running on after a token is forgotten. alp
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from obliviate.methods.base import Objective, StepInputs, require_view
+from obliviate.methods.base import Objective, StepInputs, nonnegative, require_view
 from obliviate.methods.common import row_means, token_logps
-
-
-def nonnegative(name: str, value) -> float:
-    """``value`` as a finite float >= 0, or a ValueError naming the hyperparameter."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(x) or x < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return x
 
 
 def weighted_ascent(inp: StepInputs, who: str, weight) -> torch.Tensor:
