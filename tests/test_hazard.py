@@ -151,6 +151,9 @@ def test_overwrite_rules_and_checksums(tmp_path):
         load_hazard(out).mc("retain")
     with pytest.raises(DataError, match="not a hazard benchmark"):
         load_hazard(other)
+    (out / "hazard.json").write_text('{"format": \n')
+    with pytest.raises(DataError, match=r"hazard\.json, line 2: invalid JSON"):
+        load_hazard(out)
 
 
 def test_synth_hazard_command(tmp_path):

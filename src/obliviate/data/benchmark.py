@@ -28,8 +28,7 @@ from obliviate.data.qa import (
     QAExample,
     load_qa,
     load_qa_file,
-    parse_json,
-    read_text,
+    read_json_file,
     write_qa_jsonl,
 )
 from obliviate.data.specs import looks_like_path, missing_path_reason
@@ -202,14 +201,7 @@ def _from_tofu_dir(directory: Path, forget_split: str) -> Benchmark:
 
 def _from_manifest(directory: Path) -> Benchmark:
     path = directory / MANIFEST
-    try:
-        data = parse_json(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(str(path), exc.lineno, f"invalid JSON: {exc.msg}") from None
-    except DataError:
-        raise
-    except ValueError as exc:
-        raise DataError(str(path), None, str(exc)) from None
+    data = read_json_file(path)
     if not isinstance(data, dict) or not isinstance(data.get("roles"), dict):
         raise DataError(str(path), None, "must be a JSON object with a 'roles' object (role -> split name)")
     roles: dict[str, str] = data["roles"]

@@ -69,7 +69,7 @@ from typing import Any, Mapping
 
 from obliviate.data.layout import prepare_benchmark_directory, sha256_bytes
 from obliviate.data.multiple_choice import MCItem, MCSet, load_mc_file, write_mc_jsonl
-from obliviate.data.qa import DataError, QADataset, QAExample, load_qa_file, write_qa_jsonl
+from obliviate.data.qa import DataError, QADataset, QAExample, load_qa_file, read_json_file, write_qa_jsonl
 from obliviate.data.text import documents_as_qa, load_text_corpus
 from obliviate.options import check_fields, options_from_dict
 from obliviate.runs import atomic_write_json, atomic_write_text
@@ -620,10 +620,7 @@ def load_hazard(directory: str | Path) -> HazardBenchmark:
     if not manifest_path.is_file():
         raise DataError(str(directory), None, f"no {MANIFEST}: not a hazard benchmark (write one with "
                         "obliviate synth-hazard --out DIR)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:
-        raise DataError(str(manifest_path), None, f"not readable JSON ({exc})") from None
+    manifest = read_json_file(manifest_path)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
             or not isinstance(manifest.get("files"), dict):
         raise DataError(str(manifest_path), None, f"not a {MANIFEST_FORMAT} manifest")

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 import huggingface_hub  # module attributes, looked up per call (tests replace them)
 
 from obliviate.data.layout import prepare_benchmark_directory, sha256_bytes
-from obliviate.data.qa import DataError, QADataset, QAExample, load_qa_file, parse_json, raw_rows, read_text
+from obliviate.data.qa import DataError, QADataset, QAExample, load_qa_file, raw_rows, read_json_file
 from obliviate.data.specs import hub_unreachable, looks_like_path, missing_path_reason
 from obliviate.data.synthetic import ATTRIBUTES, FULL_NAMES, Attribute
 from obliviate.data.text import TextCorpus, load_text_corpus
@@ -225,14 +225,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         return {}
-    try:
-        data = parse_json(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(str(path), exc.lineno, f"invalid JSON: {exc.msg}") from None
-    except DataError:
-        raise
-    except ValueError as exc:
-        raise DataError(str(path), None, str(exc)) from None
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise DataError(str(path), None, f"must be a JSON object (name, seed, config), got {type(data).__name__}")
     return data

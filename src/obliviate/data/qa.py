@@ -198,6 +198,18 @@ def parse_json(text: str) -> Any:
         raise ValueError(f"invalid JSON: {exc}") from None
 
 
+def read_json_file(path: Path) -> Any:
+    """A whole JSON file (a manifest, say), or a DataError naming the file, and the line where it can."""
+    try:
+        return parse_json(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(str(path), exc.lineno, f"invalid JSON: {exc.msg}") from None
+    except DataError:
+        raise
+    except ValueError as exc:
+        raise DataError(str(path), None, str(exc)) from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[_Where, Any]]:
     for lineno, line, problem in read_lines(path):
         if problem is None and not line.strip():
