@@ -17,7 +17,7 @@ from rich.table import Table
 
 from obliviate.attribution import GuardConfig, WagleConfig, compute_guard, compute_wagle_mask, save_guard, save_mask
 from obliviate.cli.errors import user_errors
-from obliviate.cli.options import check_finite_options, parse_method_options
+from obliviate.cli.options import Dtype, RemoteCode, check_finite_options, parse_method_options
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.sources import as_dataset
 from obliviate.evaluation.evaluate import load_eval
@@ -31,12 +31,10 @@ console = Console(highlight=False)
 Model = Annotated[str, typer.Option(help="The model to attribute (the target: a run's model/ directory, hub id, ...).")]
 Forget = Annotated[str, typer.Option(help="Forget data (file, DIR:split or HUB_ID:split).")]
 Retain = Annotated[str, typer.Option(help="Retain data (file, DIR:split or HUB_ID:split).")]
-Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
 SystemPrompt = Annotated[str, typer.Option(help="System prompt of the chat template ('' for none); as in unlearn.")]
 MaxLength = Annotated[int, typer.Option(help="Longest prompt + answer in tokens; as in unlearn.")]
 BatchSize = Annotated[int, typer.Option(help="Examples per forward/backward pass.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
-RemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own code (off by default).")]
 
 # Options for `obliviate unlearn` (wired there; see unlearn_attribution_kwargs).
 WagleMaskOpt = Annotated[Optional[Path], typer.Option(

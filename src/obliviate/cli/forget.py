@@ -15,6 +15,11 @@ from rich.table import Table
 from obliviate.attacks.run import PROBES
 from obliviate.cli.errors import user_errors
 from obliviate.cli.options import (
+    Dtype,
+    MaxLength,
+    RemoteCode,
+    SkipBad,
+    SystemPrompt,
     apply_config,
     check_finite_options,
     mapping_section,
@@ -97,17 +102,14 @@ def forget(
     config: Annotated[Optional[Path], typer.Option("--config", help=(
         "YAML file with this command's options by name (training options under 'train:', method options under "
         "'method_options:'); flags given on the command line win, unknown keys are errors."))] = None,
-    dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")] = "float32",
-    system_prompt: Annotated[str, typer.Option(
-        help="System prompt of the chat template ('' for none).")] = DEFAULT_SYSTEM_PROMPT,
-    max_length: Annotated[int, typer.Option(help="Longest prompt + answer in tokens; longer rows are errors.")] = 512,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad data rows instead of stopping; what was "
-                                                             "skipped, and where, goes to stderr.")] = False,
+    dtype: Dtype = "float32",
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
+    max_length: MaxLength = 512,
+    skip_bad: SkipBad = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted request (finished stages are "
                                                           "kept).")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
-                                                    help="Allow a hub model's own code (off by default).")] = False,
+    trust_remote_code: RemoteCode = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
     train_overrides: dict | None = None,
 ) -> None:

@@ -35,8 +35,13 @@ from obliviate.cli.attribution import (
 from obliviate.cli.errors import user_errors
 from obliviate.cli.evidence import certify, keygen, report, runs_app, verify
 from obliviate.cli.options import (
+    Dtype,
+    MaxLength,
+    RemoteCode,
     ScoredTokens,
     ScoredTokensOption,
+    SkipBad,
+    SystemPrompt,
     apply_config,
     check_finite_options,
     mapping_section,
@@ -69,12 +74,6 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted 
 Config = Annotated[Optional[Path], typer.Option("--config", help=(
     "YAML file with this command's options by name (training options under 'train:'); flags given on the "
     "command line win, unknown keys are errors."))]
-Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
-SystemPrompt = Annotated[str, typer.Option(help="System prompt of the chat template ('' for none).")]
-MaxLength = Annotated[int, typer.Option(help="Longest prompt + answer in tokens; longer rows are errors.")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip bad data rows instead of stopping; what was "
-                                                         "skipped, and where, goes to stderr.")]
-RemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own code (off by default).")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
 
 

@@ -37,6 +37,14 @@ ScoredTokensOption = Annotated[ScoredTokens, typer.Option(
     help="Tokens scored per answer: 'labels' = the answer + its closing end-of-turn token (the training "
          "labels, as TOFU's code and the field's reference framework score), 'answer' = the answer alone.")]
 
+# Options that every command loading a model or data declares alike.
+Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
+SystemPrompt = Annotated[str, typer.Option(help="System prompt of the chat template ('' for none).")]
+MaxLength = Annotated[int, typer.Option(help="Longest prompt + answer in tokens; longer rows are errors.")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip bad data rows instead of stopping; what was "
+                                                         "skipped, and where, goes to stderr.")]
+RemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own code (off by default).")]
+
 # Where a parameter's value came from (click's ParameterSource names): these mean the user typed it.
 EXPLICIT_SOURCES = ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
 

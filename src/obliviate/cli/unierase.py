@@ -15,7 +15,16 @@ from rich.console import Console
 
 from obliviate import api
 from obliviate.cli.errors import user_errors
-from obliviate.cli.options import apply_config, mapping_section, parse_method_options
+from obliviate.cli.options import (
+    Dtype,
+    MaxLength,
+    RemoteCode,
+    SkipBad,
+    SystemPrompt,
+    apply_config,
+    mapping_section,
+    parse_method_options,
+)
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT
 from obliviate.methods.unierase import STATS_FILE, UniEraseOptions
 from obliviate.models.loading import DEFAULT_MODEL, check_model_spec
@@ -45,15 +54,12 @@ def unierase(
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with this command's options by name, "
                                                    "UniErase options under 'options:'; flags given on the command "
                                                    "line win, unknown keys are errors.")] = None,
-    dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")] = "float32",
-    system_prompt: Annotated[str, typer.Option(
-        help="System prompt of the chat template ('' for none).")] = DEFAULT_SYSTEM_PROMPT,
-    max_length: Annotated[int, typer.Option(help="Longest prompt + answer in tokens; longer rows are errors.")] = 512,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad data rows instead of stopping; what was "
-                                                             "skipped, and where, goes to stderr.")] = False,
+    dtype: Dtype = "float32",
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
+    max_length: MaxLength = 512,
+    skip_bad: SkipBad = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
-                                                    help="Allow a hub model's own code.")] = False,
+    trust_remote_code: RemoteCode = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the result.")] = False,
 ) -> None:
     """UniErase: learn an unlearning token, then edit a few MLP down-projections (AlphaEdit-style,
