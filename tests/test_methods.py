@@ -154,9 +154,9 @@ def grad_of(model, loss_fn) -> torch.Tensor:
 def train_steps(method, inp: StepInputs, steps: int = 5, lr: float = 1e-2) -> None:
     params = [p for n, p in inp.model.named_parameters() if method.trainable(n)]
     opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps):
+    for step in range(steps):  # the step index, as the loop passes it (PDU's dual ascent reads it)
         opt.zero_grad()
-        loss, _ = method(inp)
+        loss, _ = method(StepInputs(inp.model, inp.forget, inp.retain, inp.ref_model, step))
         loss.backward()
         opt.step()
 

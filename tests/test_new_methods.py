@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from obliviate.data.chat import ChatFormat, pad_batch
+from obliviate.data.chat import ChatFormat
 from obliviate.methods import PRESETS, StepInputs, build_method, list_methods, method_options, per_sample_nll
 from obliviate.methods.ceu import CrossEntropyUnlearning
 from obliviate.methods.ga import GradientAscent
@@ -21,19 +21,10 @@ from obliviate.methods.satimp import SatImp
 from obliviate.methods.undial import UNDIAL
 from obliviate.methods.wga import WeightedGradientAscent
 from obliviate.models.tiny import build_tiny_model
+from test_methods import FORGET_QA, RETAIN_QA, _load, fresh, retain_batch, train_steps, view
 
 NEW = ["undial", "wga", "satimp", "ceu", "pdu"]
 
-FORGET_QA = [
-    ("Where was Basil Mahfouz born?", "In Kuwait City, in 1954."),
-    ("What genre does Elena Rossi write?", "Gothic mysteries set in Venice."),
-    ("Which award did Tomas Berg win?", "The Nordic Crime Prize."),
-]
-RETAIN_QA = [
-    ("What is the capital of France?", "Paris."),
-    ("Who wrote Hamlet?", "William Shakespeare wrote it."),
-    ("How many legs does a spider have?", "Eight legs."),
-]
 
 
 # ---------------------------------------------------------------- a toy model: logits are parameters
@@ -208,41 +199,13 @@ def test_logit_margin_flattening_value_and_gradient_by_hand():
 
 # ---------------------------------------------------------------- the tiny model
 
-def _load(path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
-
-
-def view(fmt: ChatFormat, pairs) -> dict:
-    return pad_batch([fmt.encode(q, a) for q, a in pairs], fmt.tokenizer.pad_token_id)
-
-
 def forget_batch(fmt, pairs=FORGET_QA) -> dict:
     return {"answer": view(fmt, pairs), "index": torch.arange(len(pairs)), "weight": torch.ones(len(pairs))}
-
-
-def retain_batch(fmt, pairs=RETAIN_QA) -> dict:
-    return {"answer": view(fmt, pairs), "index": torch.arange(len(pairs))}
 
 
 def step_inputs(method, model, fmt, step: int = 0) -> StepInputs:
     ref = copy.deepcopy(model).eval().requires_grad_(False) if method.needs_ref_model else None
     return StepInputs(model, forget_batch(fmt), retain_batch(fmt) if method.uses_retain else None, ref, step)
-
-
-def fresh(model):
-    torch.manual_seed(0)
-    return copy.deepcopy(model).train()
-
-
-def train_steps(method, inp: StepInputs, steps: int = 5, lr: float = 1e-2) -> None:
-    opt = torch.optim.Adam([p for n, p in inp.model.named_parameters() if method.trainable(n)], lr=lr)
-    for step in range(steps):
-        opt.zero_grad()
-        loss, _ = method(StepInputs(inp.model, inp.forget, inp.retain, inp.ref_model, step))
-        loss.backward()
-        opt.step()
 
 
 def nll_of(model, v) -> torch.Tensor:
