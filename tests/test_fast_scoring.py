@@ -365,6 +365,8 @@ def test_rows_join_the_decoding_batch_as_others_finish(tiny, monkeypatch, joinab
         pool.run_while_full()
         # decoding keeps no autograd graph, even when called with gradients on (it would hold every step's cache)
         assert pool.cache is None or not pool.cache.layers[0].keys.requires_grad
+        # a decoding step writes its column in place (no copy of the whole cache per step)
+        assert pool.cache is None or all(isinstance(layer, generation._PoolLayer) for layer in pool.cache.layers)
     pool.drain()
     for j, q in enumerate(questions):
         assert pool.done[j] == plain_greedy_tokens(model, fmt.prompt_ids(q), set(), budgets[j]), q
@@ -374,3 +376,67 @@ def test_rows_join_the_decoding_batch_as_others_finish(tiny, monkeypatch, joinab
         assert len(widths) < max(budgets) + 8
     else:
         assert len(widths) > len(set(widths))  # batch by batch: each batch's rows finish down to one
+
+
+def test_pool_cache_works_in_place_and_holds_what_concatenation_holds():
+    """The pool's cache layer (``_PoolLayer``) holds, in its live rows and columns, what plain
+    concatenation gives after the same steps, rows leaving (the last rows filling their slots), rows
+    joining (right-aligned, zeros on the left of the shorter) and masked columns cut; a one-column step
+    and a leaving row copy nothing else, and only running out of columns makes new buffers."""
+    from obliviate.evaluation.generation import _fill_from_the_end, _PoolLayer
+
+    torch.manual_seed(0)
+    keys, values = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 5, 3)
+    layer = _PoolLayer(keys, values, width=8)
+
+    def same() -> None:
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+        assert layer.get_seq_length() == keys.shape[2]
+
+    def step(rows: int) -> None:
+        nonlocal keys, values
+        k, v = torch.randn(rows, 2, 1, 3), torch.randn(rows, 2, 1, 3)
+        layer.update(k, v)
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        same()
+
+    def left(x: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, 0, width - x.shape[2], 0))
+
+    same()
+    start = layer.buffers[0].data_ptr()
+    for _ in range(3):
+        step(4)
+    assert layer.buffers[0].data_ptr() == start  # written in place
+
+    order = _fill_from_the_end(4, {1})
+    assert order == [0, 3, 2]  # the last row fills the gap; the others stay where they are
+    layer.move_rows(order)
+    keys, values = keys[order], values[order]
+    same()
+    step(3)
+    assert _fill_from_the_end(5, {0, 4}) == [3, 1, 2] and _fill_from_the_end(2, {0, 1}) == []
+
+    for cols in (4, 14):  # newcomers shorter than the batch, then longer than the buffers reach
+        new_k, new_v = torch.randn(2, 2, cols, 3), torch.randn(2, 2, cols, 3)
+        layer.join(new_k, new_v)
+        width = max(cols, keys.shape[2])
+        keys = torch.cat([left(keys, width), left(new_k, width)])
+        values = torch.cat([left(values, width), left(new_v, width)])
+        same()
+        step(keys.shape[0])
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.join(new_k, new_v)  # 9 rows in a pool of 8
+
+    layer.cut(3)
+    keys, values = keys[:, :, 3:], values[:, :, 3:]
+    same()
+    layer.batch_select_indices(torch.tensor([4, 0, 0]))  # any selection still works (a copy)
+    keys, values = keys[[4, 0, 0]], values[[4, 0, 0]]
+    same()
+    start, room = layer.buffers[0].data_ptr(), layer.buffers[0].shape[2] - layer.hi
+    for _ in range(room):
+        step(3)
+    assert layer.buffers[0].data_ptr() == start
+    step(3)  # the room is used up: new buffers
+    assert layer.buffers[0].data_ptr() != start

@@ -45,11 +45,12 @@ def test_batched_matches_one_by_one_and_slow_reference(tiny):
         assert got == slow_greedy(model, prompt, set(stops), 10)
 
     seen = []
-    texts = generate_answers(model, fmt, QUESTIONS, max_new_tokens=10, batch_size=4, progress=seen.append)
+    # batch size 2: prompts prefilled 2 at a time, decoded 4 at a time, so answers finish in several rounds
+    texts = generate_answers(model, fmt, QUESTIONS, max_new_tokens=10, batch_size=2, progress=seen.append)
     singles = [generate_answers(model, fmt, [q], max_new_tokens=10)[0] for q in QUESTIONS]
     assert texts == singles
     assert texts == [tok.decode(t, skip_special_tokens=True).strip() for t in batched]
-    assert sum(seen) == len(QUESTIONS) and len(seen) == 2
+    assert sum(seen) == len(QUESTIONS) and len(seen) > 1
     assert any(texts), "the random model should produce some text for this test to mean anything"
 
 

@@ -74,7 +74,8 @@ def forget(
     gate: Annotated[bool, typer.Option(
         "--gate/--no-gate", help="Calibrated unlearning: forget rows that already look like holdout rows stop "
         "contributing to the forget loss.")] = True,
-    eval_batch_size: Annotated[int, typer.Option(help="Scoring and generation batch size of the evaluations.")] = 32,
+    eval_batch_size: Annotated[int, typer.Option(
+        help="Scoring batch size of the evaluations; generation decodes twice as many questions at a time.")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy generation length limit in evaluation.")] = 200,
     relearn_steps: Annotated[str, typer.Option(
         help="Relearning attack: optimizer step counts to measure at, comma-separated.")] = "0,10,25,50",

@@ -191,7 +191,8 @@ def evaluate(
         help="Name of this model in the results (target, oracle, unlearned...).")] = "model",
     forget_split: Annotated[str, typer.Option(help="TOFU forget split (forget01, forget05, forget10).")] = "forget10",
     oracle_eval: Annotated[Optional[Path], typer.Option(help="The oracle's eval JSON, for forget quality.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Scoring and generation batch size.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Scoring batch size (prompts per prefill, answers per pass); "
+                                                 "generation decodes twice as many questions at a time.")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy generation length limit.")] = 200,
     length_budget: Annotated[Optional[float], typer.Option(
         help="Bound each set's generations to this factor times its longest reference answer (tokens), at most "

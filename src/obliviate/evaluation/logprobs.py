@@ -29,7 +29,14 @@ import torch
 
 from obliviate.data.chat import ChatFormat, Encoded, length_grouped_batches, pad_batch
 from obliviate.evaluation.forward import Prefill, Runner, position_stats, prefill, select_rows
-from obliviate.evaluation.generation import DecodePool, answer_text, budgets_for, pad_token_id, stop_token_ids
+from obliviate.evaluation.generation import (
+    DecodePool,
+    answer_text,
+    budgets_for,
+    decode_width,
+    pad_token_id,
+    stop_token_ids,
+)
 
 
 @dataclass
@@ -232,7 +239,8 @@ def run_batches(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questi
     handing each batch's scores and generated token ids (in ``batch.pairs`` and ``batch.generate``
     order) to ``on_batch`` once all of them are done; the model's train/eval mode is restored after.
 
-    Generation runs on one :class:`DecodePool` of ``batch_size`` rows for the whole call: a batch's
+    Generation runs on one :class:`DecodePool` of :func:`generation.decode_width` rows for the whole
+    call (twice ``batch_size``: a decoding step holds one token per row): a batch's
     questions start decoding as earlier questions finish, and the next batch is prefilled and scored
     when the pool has room."""
     encoded = [fmt.encode_scored(q, a) for q, a in pairs]  # a pair too long fails before any model work
@@ -242,7 +250,7 @@ def run_batches(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questi
     model.eval()
     try:
         runner = Runner(model)
-        pool = DecodePool(runner, batch_size, stop_token_ids(fmt))
+        pool = DecodePool(runner, decode_width(batch_size), stop_token_ids(fmt))
         waiting: list[tuple[Batch, list[TokenScores]]] = []
 
         def hand_over_finished() -> None:
