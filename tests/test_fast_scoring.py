@@ -101,6 +101,38 @@ def test_scores_equal_one_plain_forward_per_pair(tiny, batch_size):
         assert_same_scores(scores, plain_scores(model, fmt, *pair), pair)
 
 
+def test_scores_without_distribution_statistics_are_the_same_numbers(tiny):
+    """``distribution=False`` skips only the mean and spread of each position's log-probs (what
+    Min-K%++ reads), which then refuses instead of giving a number; the rest is bit-identical."""
+    from obliviate.evaluation.mia import min_k_plus_plus_score
+
+    model, fmt = tiny
+    assert any(not q for q, _ in PAIRS)  # documents too, not only prompted answers
+    full = score_pairs(model, fmt, PAIRS, batch_size=4)
+    lean = score_pairs(model, fmt, PAIRS, batch_size=4, distribution=False)
+    for pair, a, b in zip(PAIRS, full, lean):
+        assert np.array_equal(a.logprobs, b.logprobs) and np.array_equal(a.argmax_match, b.argmax_match), pair
+        assert np.array_equal(a.token_ids, b.token_ids)
+        assert b.dist_mean is None and b.dist_std is None and a.dist_mean is not None and a.dist_std is not None
+    with pytest.raises(ValueError, match="distribution"):
+        min_k_plus_plus_score(lean[0])
+
+
+def test_evaluation_keeps_distribution_statistics_only_when_a_consumer_reads_them(tiny):
+    """The TOFU metrics do not read them; extra pairs (privacy's) do, and then every score has them."""
+    from obliviate.evaluation import evaluate as ev
+
+    model, fmt = tiny
+    sets = _sets()
+    plain = ev.evaluate_with_scores(model, fmt.tokenizer, sets, fmt=fmt, max_new_tokens=2, progress=False)
+    extra = [(sets["forget"].examples[0].question, "an answer no set holds")]
+    rich = ev.evaluate_with_scores(model, fmt.tokenizer, sets, fmt=fmt, max_new_tokens=2, progress=False,
+                                   extra_pairs=extra)
+    assert all(s.dist_mean is None for s in plain.scores.pairs.values())
+    assert all(s.dist_mean is not None for s in rich.scores.pairs.values()) and extra[0] in rich.scores
+    assert plain.result.to_json()["sets"] == rich.result.to_json()["sets"]
+
+
 def test_answer_only_scoring_and_one_token_answers(tiny):
     model, tok_fmt = tiny
     fmt = ChatFormat(tok_fmt.tokenizer, scored_tokens="answer")

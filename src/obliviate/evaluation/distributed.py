@@ -49,8 +49,8 @@ def merge_in_order(parts: Sequence[tuple[int, T]], n: int) -> list[T]:
 def score_and_generate_distributed(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questions: Sequence[str],
                                    max_new_tokens: int | Sequence[int] = 200, batch_size: int = 32,
                                    score_progress: Callable[[int], None] | None = None,
-                                   generate_progress: Callable[[int], None] | None = None
-                                   ) -> tuple[list[TokenScores], list[str]]:
+                                   generate_progress: Callable[[int], None] | None = None,
+                                   distribution: bool = True) -> tuple[list[TokenScores], list[str]]:
     """``logprobs.score_and_generate`` with the batches split across processes; every process gets
     all scores and all answers. Progress counts whole rounds (one batch per process), so the main
     process's bars end at 100%."""
@@ -74,7 +74,7 @@ def score_and_generate_distributed(model, fmt: ChatFormat, pairs: Sequence[tuple
         if generate_progress:
             generate_progress(sum(len(b.generate) for b in round_))
 
-    run_batches(model, fmt, pairs, questions, budgets, batch_size, mine, keep)
+    run_batches(model, fmt, pairs, questions, budgets, batch_size, mine, keep, distribution)
     return (merge_in_order(gather_object(scores), len(pairs)),
             merge_in_order(gather_object(answers), len(questions)))
 

@@ -268,7 +268,9 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
     ``extra_pairs`` (e.g. ``privacy.privacy_pairs(...)``) are (question, answer) pairs a later
     consumer of the scores needs beyond the sets' own; those not among the sets' pairs are scored
     in a second call after the main one, which leaves the sets' batches, and so their numbers,
-    exactly as without them.
+    exactly as without them. Only with ``extra_pairs`` do the scores carry each position's
+    next-token distribution statistics (``TokenScores.dist_mean``/``dist_std``, for Min-K%++): the
+    TOFU metrics do not read them.
 
     ``distributed=True`` (under ``accelerate launch``, the whole model on each process's device)
     splits the scoring and generation batches across the processes (``evaluation.distributed``);
@@ -308,7 +310,8 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
         scores, answers = score_generate(model, fmt, pairs.pairs, questions, [budget_of[q] for q in questions],
                                          batch_size=batch_size,
                                          score_progress=track("scoring answers", len(pairs.pairs)),
-                                         generate_progress=track("generating answers", len(questions)))
+                                         generate_progress=track("generating answers", len(questions)),
+                                         distribution=bool(extra_pairs))
         model_scores.add(pairs.pairs, scores)
         model_scores.scored = len(pairs.pairs)
         model_scores.ensure(model, fmt, list(extra_pairs), batch_size=batch_size, score=score)
@@ -341,7 +344,7 @@ def evaluate_likelihoods(model, sets: dict[str, QADataset], fmt: ChatFormat, bat
     oracle_ratios = _oracle_ratios(oracle, fmt.scored_tokens) if oracle is not None and "forget" in sets else None
     pairs = _Pairs(fmt)
     plans = {name: _plan(name, ds, pairs) for name, ds in sets.items()}
-    scores = score_pairs(model, fmt, pairs.pairs, batch_size=batch_size)
+    scores = score_pairs(model, fmt, pairs.pairs, batch_size=batch_size, distribution=False)
     row: dict[str, float | None] = {}
     order = (["forget"] if "forget" in sets else []) + [name for name in sets if name != "forget"]
     for i, name in enumerate(order):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from obliviate.data.chat import ChatFormat, Encoded, length_grouped_batches, pad_batch
-from obliviate.evaluation.forward import Prefill, Runner, position_stats, prefill, select_rows
+from obliviate.evaluation.forward import PositionStats, Prefill, Runner, position_stats, prefill, select_rows
 from obliviate.evaluation.generation import (
     DecodePool,
     answer_text,
@@ -45,8 +45,8 @@ class TokenScores:
 
     logprobs: np.ndarray  # log p(token | prefix)
     argmax_match: np.ndarray  # bool: the model's argmax equals the token
-    dist_mean: np.ndarray  # E_{z~p}[log p(z)] at that position
-    dist_std: np.ndarray  # Std_{z~p}[log p(z)]
+    dist_mean: np.ndarray | None  # E_{z~p}[log p(z)] at that position (None: not computed)
+    dist_std: np.ndarray | None  # Std_{z~p}[log p(z)]
     token_ids: np.ndarray
 
     @property
@@ -112,10 +112,28 @@ def plan_batches(fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questions: S
 # running one batch
 
 
-def _token_scores(targets: list[int], logprobs: np.ndarray, argmax: np.ndarray, mean: np.ndarray,
-                  std: np.ndarray) -> TokenScores:
+def _token_scores(targets: list[int], logprobs: np.ndarray, argmax: np.ndarray, mean: np.ndarray | None,
+                  std: np.ndarray | None) -> TokenScores:
     ids = np.asarray(targets, dtype=np.int64)
     return TokenScores(logprobs=logprobs, argmax_match=argmax == ids, dist_mean=mean, dist_std=std, token_ids=ids)
+
+
+def _numpy(stats: PositionStats) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(target log-probs, argmax, mean, std) on the host; mean and std None when not computed."""
+    return (stats.target_logprob.cpu().numpy(), stats.argmax.cpu().numpy(),
+            None if stats.mean is None else stats.mean.cpu().numpy(),
+            None if stats.std is None else stats.std.cpu().numpy())
+
+
+def _part(x: np.ndarray | None, start: int, n: int) -> np.ndarray | None:
+    return None if x is None else x[start:start + n]
+
+
+def _first_then(first: np.ndarray | None, q: int, rest: np.ndarray | None) -> np.ndarray | None:
+    """``first[q]`` followed by ``rest`` (float32), or None when either was not computed."""
+    if first is None or rest is None:
+        return None
+    return np.concatenate([[first[q]], rest]).astype(np.float32)
 
 
 def _scored(e: Encoded) -> list[int]:
@@ -123,21 +141,23 @@ def _scored(e: Encoded) -> list[int]:
 
 
 def _score_from_prefill(runner: Runner, pre: Prefill, owner: list[int], encoded: list[Encoded], pad_id: int,
-                        rows_per_pass: int) -> list[TokenScores]:
+                        rows_per_pass: int, distribution: bool = True) -> list[TokenScores]:
     """Scores of answers continuing prefilled prompts: ``owner[r]`` is the prefill row of
     ``encoded[r]``'s prompt.
 
     The prompt's last position predicts each answer's first scored token: its distribution is
     computed once per prompt. Each answer's remaining scored positions come from one pass over its
     tokens (all but the last scored one, which predicts nothing that is read) after its prompt's
-    cache, ``rows_per_pass`` answers at a time, longest first."""
+    cache, ``rows_per_pass`` answers at a time, longest first. ``distribution``: also the mean and
+    standard deviation of each position's log-probs (:func:`forward.position_stats`)."""
     device = runner.device
     targets = [_scored(e) for e in encoded]
-    first = position_stats(runner, pre.last, torch.tensor(owner, device=device),
-                           torch.tensor([t[0] for t in targets], device=device))
-    first_lp = first.target_logprob.cpu().numpy()
-    first_argmax, first_mean, first_std = (x.cpu().numpy() for x in (first.argmax, first.mean, first.std))
-    rest: list[tuple[np.ndarray, ...]] = [(np.zeros(0, np.float32),) * 4] * len(encoded)
+    first_lp, first_argmax, first_mean, first_std = _numpy(position_stats(
+        runner, pre.last, torch.tensor(owner, device=device), torch.tensor([t[0] for t in targets], device=device),
+        distribution))
+    empty = np.zeros(0, np.float32)
+    rest: list[tuple[np.ndarray | None, ...]] = [(empty, empty) + ((empty, empty) if distribution else (None, None))
+                                                 ] * len(encoded)
     ordered = sorted((r for r in range(len(encoded)) if len(targets[r]) > 1), key=lambda r: -len(targets[r]))
     for c in range(0, len(ordered), rows_per_pass):
         rows = ordered[c:c + rows_per_pass]
@@ -155,12 +175,11 @@ def _score_from_prefill(runner: Runner, pre: Prefill, owner: list[int], encoded:
         states, _ = runner.states(ids, mask, positions, select_rows(pre.cache, prompt_rows))
         flat = states[real.bool()]  # row by row, each row's real positions in order
         wanted = torch.tensor([t for r in rows for t in targets[r][1:]], device=device)
-        stats = position_stats(runner, flat, torch.arange(len(wanted), device=device), wanted)
-        lp, am, mean, std = (x.cpu().numpy() for x in (stats.target_logprob, stats.argmax, stats.mean, stats.std))
+        found = _numpy(position_stats(runner, flat, torch.arange(len(wanted), device=device), wanted, distribution))
         start = 0
         for r in rows:
             n = len(targets[r]) - 1
-            rest[r] = (lp[start:start + n], am[start:start + n], mean[start:start + n], std[start:start + n])
+            rest[r] = tuple(_part(x, start, n) for x in found)
             start += n
     out = []
     for r in range(len(encoded)):
@@ -168,12 +187,12 @@ def _score_from_prefill(runner: Runner, pre: Prefill, owner: list[int], encoded:
         lp, am, mean, std = rest[r]
         out.append(_token_scores(targets[r], np.concatenate([[first_lp[r]], lp]).astype(np.float32),
                                  np.concatenate([[first_argmax[q]], am]).astype(np.int64),
-                                 np.concatenate([[first_mean[q]], mean]).astype(np.float32),
-                                 np.concatenate([[first_std[q]], std]).astype(np.float32)))
+                                 _first_then(first_mean, q, mean), _first_then(first_std, q, std)))
     return out
 
 
-def _score_documents(runner: Runner, encoded: list[Encoded], pad_id: int) -> list[TokenScores]:
+def _score_documents(runner: Runner, encoded: list[Encoded], pad_id: int, distribution: bool = True
+                     ) -> list[TokenScores]:
     """Scores of pairs without a prompt to share (documents): one right-padded forward pass, the
     output layer at the scored positions only."""
     device = runner.device
@@ -186,21 +205,20 @@ def _score_documents(runner: Runner, encoded: list[Encoded], pad_id: int) -> lis
     cols = torch.tensor([t for _, t in where], device=device)
     targets = [_scored(e) for e in encoded]
     wanted = torch.tensor([t for ts in targets for t in ts], device=device)
-    stats = position_stats(runner, states[rows, cols], torch.arange(len(wanted), device=device), wanted)
-    lp, am, mean, std = (x.cpu().numpy() for x in (stats.target_logprob, stats.argmax, stats.mean, stats.std))
+    found = _numpy(position_stats(runner, states[rows, cols], torch.arange(len(wanted), device=device), wanted,
+                                  distribution))
     out, start = [], 0
     for ts in targets:
-        n = len(ts)
-        out.append(_token_scores(ts, lp[start:start + n], am[start:start + n], mean[start:start + n],
-                                 std[start:start + n]))
-        start += n
+        lp, am, mean, std = (_part(x, start, len(ts)) for x in found)
+        out.append(_token_scores(ts, cast(np.ndarray, lp), cast(np.ndarray, am), mean, std))
+        start += len(ts)
     return out
 
 
 @torch.no_grad()
 def run_batch(runner: Runner, fmt: ChatFormat, batch: Batch, pairs: Sequence[tuple[str, str]],
               encoded: Sequence[Encoded], questions: Sequence[str], budgets: Sequence[int], batch_size: int,
-              pool: DecodePool) -> list[TokenScores]:
+              pool: DecodePool, distribution: bool = True) -> list[TokenScores]:
     """The scores of ``batch.pairs``, in that order (``encoded[i]`` is ``pairs[i]`` as scored); the
     questions of ``batch.generate`` are queued on ``pool`` (``budgets[j]`` is ``questions[j]``'s token
     budget), their answers to come as ``pool.done[question]``. The prompts are prefilled once, the
@@ -209,7 +227,7 @@ def run_batch(runner: Runner, fmt: ChatFormat, batch: Batch, pairs: Sequence[tup
     one's prefix)."""
     pad_id = pad_token_id(fmt)
     if not batch.prompts:
-        return _score_documents(runner, [encoded[i] for i in batch.pairs], pad_id)
+        return _score_documents(runner, [encoded[i] for i in batch.pairs], pad_id, distribution)
     pre = prefill(runner, [fmt.prompt_ids(q) for q in batch.prompts], pad_id)
     row_of = {q: k for k, q in enumerate(batch.prompts)}
     unique = list(dict.fromkeys(pairs[i] for i in batch.pairs))
@@ -217,7 +235,7 @@ def run_batch(runner: Runner, fmt: ChatFormat, batch: Batch, pairs: Sequence[tup
     for i in batch.pairs:
         first_of.setdefault(pairs[i], i)
     scored = _score_from_prefill(runner, pre, [row_of[q] for q, _ in unique], [encoded[first_of[p]] for p in unique],
-                                 pad_id, batch_size) if unique else []
+                                 pad_id, batch_size, distribution) if unique else []
     if batch.generate:
         budget_of: dict[str, int] = {}
         for j in batch.generate:
@@ -234,7 +252,8 @@ def run_batch(runner: Runner, fmt: ChatFormat, batch: Batch, pairs: Sequence[tup
 @torch.no_grad()
 def run_batches(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questions: Sequence[str],
                 budgets: Sequence[int], batch_size: int, batches: Sequence[Batch],
-                on_batch: Callable[[Batch, list[TokenScores], list[list[int]]], None]) -> None:
+                on_batch: Callable[[Batch, list[TokenScores], list[list[int]]], None],
+                distribution: bool = True) -> None:
     """Run ``batches`` (from :func:`plan_batches` for these pairs and questions) in eval mode,
     handing each batch's scores and generated token ids (in ``batch.pairs`` and ``batch.generate``
     order) to ``on_batch`` once all of them are done; the model's train/eval mode is restored after.
@@ -261,7 +280,7 @@ def run_batches(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questi
 
         for batch in batches:
             waiting.append((batch, run_batch(runner, fmt, batch, pairs, encoded, questions, budgets, batch_size,
-                                             pool)))
+                                             pool, distribution)))
             pool.run_while_full()
             hand_over_finished()
         pool.drain()
@@ -273,13 +292,15 @@ def run_batches(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questi
 def score_and_generate(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], questions: Sequence[str],
                        max_new_tokens: int | Sequence[int] = 200, batch_size: int = 32,
                        score_progress: Callable[[int], None] | None = None,
-                       generate_progress: Callable[[int], None] | None = None) -> tuple[list[TokenScores], list[str]]:
+                       generate_progress: Callable[[int], None] | None = None,
+                       distribution: bool = True) -> tuple[list[TokenScores], list[str]]:
     """TokenScores of each (question, answer) pair and the greedy answer to each of ``questions``
     (as ``generation.generate_answers`` gives it; ``max_new_tokens`` is one budget or one per
     question), both in input order, every prompt prefilled once for its answers and its generation.
 
     Raises ValueError for a pair longer than the format's ``max_length``. ``score_progress(n)`` and
-    ``generate_progress(n)`` are called after each batch with its numbers of pairs and questions."""
+    ``generate_progress(n)`` are called after each batch with its numbers of pairs and questions.
+    ``distribution=False`` leaves ``dist_mean``/``dist_std`` None (Min-K%++ alone reads them)."""
     budgets = budgets_for(max_new_tokens, len(questions))
     scores: list[TokenScores | None] = [None] * len(pairs)
     answers: list[str | None] = [None] * len(questions)
@@ -295,15 +316,16 @@ def score_and_generate(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]],
             generate_progress(len(batch.generate))
 
     run_batches(model, fmt, pairs, questions, budgets, batch_size, plan_batches(fmt, pairs, questions, batch_size),
-                keep)
+                keep, distribution)
     # every index is in exactly one batch: no None is left
     return cast(list[TokenScores], scores), cast(list[str], answers)
 
 
 def score_pairs(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], batch_size: int = 32,
-                progress: Callable[[int], None] | None = None) -> list[TokenScores]:
+                progress: Callable[[int], None] | None = None, distribution: bool = True) -> list[TokenScores]:
     """TokenScores for each (question, answer) pair, in input order.
 
     The answers to a question share one prefill of its prompt; ``batch_size`` bounds the prompts
     per prefill and the answers per pass. ``progress(n)`` is called after each batch."""
-    return score_and_generate(model, fmt, pairs, (), batch_size=batch_size, score_progress=progress)[0]
+    return score_and_generate(model, fmt, pairs, (), batch_size=batch_size, score_progress=progress,
+                              distribution=distribution)[0]

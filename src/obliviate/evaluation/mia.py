@@ -75,6 +75,9 @@ def standardised_logprobs(s: TokenScores) -> np.ndarray:
     """(log p(token) - mu) / sigma per token, mu and sigma of log p under the model's own
     next-token distribution at that position. A position whose distribution has sigma = 0 gives 0
     (every token there has the same log-prob, so the token's log-prob equals mu)."""
+    if s.dist_mean is None or s.dist_std is None:
+        raise ValueError("these scores were made without the next-token distribution statistics that Min-K%++ "
+                         "needs: score with distribution=True")
     lp = np.asarray(s.logprobs, dtype=np.float64)
     mu = np.asarray(s.dist_mean, dtype=np.float64)
     sigma = np.asarray(s.dist_std, dtype=np.float64)
