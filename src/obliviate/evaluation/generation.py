@@ -193,8 +193,8 @@ class _PoolLayer(DynamicLayer):
     last rows (:meth:`move_rows`), joining rows are written after the last row, right-aligned
     (:meth:`join`), and cutting masked leading columns moves ``lo`` (:meth:`cut`): only running out
     of room copies the cache. (``DynamicLayer`` concatenates the whole cache at every step and copies
-    it at every change of rows; on 2 CPU cores with SmolLM2-135M those copies were a tenth of an
-    evaluation's decoding.) Columns a row does not use are zeros: masked, but never garbage (a NaN
+    it at every change of rows; sampled in the issue-12 evaluation on 2 CPU cores, those copies were
+    a sixth of the decoding time.) Columns a row does not use are zeros: masked, but never garbage (a NaN
     times a zero attention weight is still NaN)."""
 
     ROOM = 64  # columns of room a (re)allocation leaves at the right
