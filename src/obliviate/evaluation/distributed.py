@@ -80,9 +80,11 @@ def score_and_generate_distributed(model, fmt: ChatFormat, pairs: Sequence[tuple
 
 
 def score_pairs_distributed(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]], batch_size: int = 32,
-                            progress: Callable[[int], None] | None = None) -> list[TokenScores]:
+                            progress: Callable[[int], None] | None = None,
+                            distribution: bool = True) -> list[TokenScores]:
     """``score_pairs`` with the batches split across processes; every process gets all scores."""
-    return score_and_generate_distributed(model, fmt, pairs, (), batch_size=batch_size, score_progress=progress)[0]
+    return score_and_generate_distributed(model, fmt, pairs, (), batch_size=batch_size, score_progress=progress,
+                                          distribution=distribution)[0]
 
 
 def generate_answers_distributed(model, fmt: ChatFormat, questions: list[str],
