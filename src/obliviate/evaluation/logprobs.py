@@ -3,7 +3,8 @@
 Every likelihood metric (probability, truth ratio, memorisation, membership inference, exposure)
 is a function of these arrays, so each evaluation scores each answer once and keeps, for each
 answer token: its log-prob, whether it is the argmax, and the mean and standard deviation of
-log-probs under the model's own next-token distribution (needed by Min-K%++).
+log-probs under the model's own next-token distribution (needed by Min-K%++ alone, so computed only
+when asked: ``distribution=True``, the default of :func:`score_pairs`).
 The scored tokens are the training labels, the answer and its closing end-of-turn token, as TOFU's
 original code and the field's reference framework score them (``ChatFormat.scored_tokens="labels"``,
 the default); ``scored_tokens="answer"`` scores the answer's tokens alone (docs/metrics.md).
