@@ -4,6 +4,8 @@ attack orchestration (relearn / quantise / probes / privacy) on a finished tiny 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -235,6 +237,28 @@ def test_run_privacy_quantise_probes(finished_run):
     fq = probes["probes"]["paraphrase"]["unlearned"]["forget_quality"]
     assert fq is not None and 0 <= fq <= 1
     assert json.loads((out / "attacks" / "probes.json").read_text())["n_forget"] == len(run.forget_set())
+
+
+def test_quantise_takes_the_stored_evaluation_only_when_it_was_made_the_same_way(finished_run, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)  # the attacks write into the run: a copy keeps the shared one as it was
+    import obliviate.attacks.run as attack_run
+
+    evaluated: list[str] = []
+    real = attack_run.evaluate_model
+    monkeypatch.setattr(attack_run, "evaluate_model",
+                        lambda *a, **k: evaluated.append(k["label"]) or real(*a, **k))
+    stored = summary_row(load_eval(out / "eval" / "unlearned.json"))
+    run = open_run(out)
+    assert run_quantise(run, bits=(4,), backend="rtn")["none"] == stored
+    assert evaluated == ["unlearned-4bit"]  # the full-precision row is the pipeline's own evaluation
+    # Made another way (a different token budget), or of a model given explicitly: evaluated anew.
+    for changed in (replace(open_run(out), max_new_tokens=run.max_new_tokens + 1),
+                    open_run(out, unlearned=out / "target" / "model")):
+        evaluated.clear()
+        fresh = run_quantise(changed, bits=(4,), backend="rtn")
+        assert evaluated == ["unlearned", "unlearned-4bit"]
+    assert fresh["none"]["forget_probability"] != stored["forget_probability"]  # the target is another model
 
 
 def test_run_relearn_writes_the_layout(finished_run):

@@ -31,13 +31,15 @@ from obliviate.attacks.relearn import RelearnConfig, relearn_attack
 from obliviate.data.benchmark import Benchmark, load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.qa import DataError, QADataset
-from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_model, load_eval, summary_row
+from obliviate.evaluation.evaluate import (eval_sets_from_benchmark, evaluate_model, evaluation_settings, load_eval,
+                                          summary_row)
 from obliviate.evaluation.privacy import privacy_of_models, privacy_rows
 from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.processes import processes
 from obliviate.runs import RunDir, atomic_write_json
 
 MODEL_LABELS = ("unlearned", "oracle", "target")
+LAYOUT = {"unlearned": Path("unlearn/model"), "oracle": Path("oracle/model"), "target": Path("target/model")}
 RELEARN_SOURCES = ("forget_subset", "attributes", "retain_neighbours", "file")
 PROBES = ("paraphrase", "few_shot", "context")
 
@@ -85,6 +87,20 @@ class AttackRun:
         path = self.path / "eval" / "oracle.json"
         return load_eval(path) if path.is_file() else None
 
+    def stored_eval(self, label: str, sets: dict[str, QADataset], tokenizer) -> dict | None:
+        """The run's own ``eval/<label>.json`` when it is an evaluation of this run's ``label`` model
+        (the run's layout, not a model given explicitly) made exactly as this run would make it now
+        (``evaluation_settings``: same rows, prompt format, batch size, token budget, dtype), so its
+        numbers are those a new evaluation would give; otherwise None. An evaluation with an oracle
+        has the forget quality against ``eval/oracle.json``, the file :meth:`oracle_eval` reads."""
+        path = self.path / "eval" / f"{label}.json"
+        if self.models.get(label) != self.path / LAYOUT[label] or not path.is_file():
+            return None
+        stored = load_eval(path)
+        model, _ = self.load(label)
+        wanted = evaluation_settings(model, sets, self.fmt(tokenizer), self.batch_size, self.max_new_tokens, None)
+        return stored if stored.get("made_with") == wanted else None
+
     def write(self, name: str, result: dict) -> Path:
         path = atomic_write_json(self.path / "attacks" / f"{name}.json", result)
         unlearned = self.models.get("unlearned")
@@ -106,12 +122,10 @@ def open_run(run_dir: str | Path, benchmark: str | Path | None = None, unlearned
     if bench_spec is None:
         raise ValueError(f"{path}/config.yaml names no benchmark; pass one explicitly")
     given = {"unlearned": unlearned, "oracle": oracle, "target": target}
-    layout = {"unlearned": path / "unlearn" / "model", "oracle": path / "oracle" / "model",
-              "target": path / "target" / "model"}
     models = {}
     for label in MODEL_LABELS:
         chosen = given[label]
-        candidate = Path(chosen) if chosen is not None else layout[label]
+        candidate = Path(chosen) if chosen is not None else path / LAYOUT[label]
         if (candidate / "config.json").is_file():
             models[label] = candidate
         elif chosen is not None:
@@ -171,6 +185,8 @@ def _bnb_available() -> bool:
 def run_quantise(run: AttackRun, bits: Sequence[int] = (8, 4), backend: str = "auto", group_size: int | None = 128,
                  progress: bool = False) -> dict:
     """Evaluate the unlearned model in full precision ("none") and quantised to each of ``bits``.
+    The full-precision row is the run's own ``eval/unlearned.json`` when it was made exactly as this
+    evaluation would be (:meth:`AttackRun.stored_eval`): the same numbers, one evaluation fewer.
 
     ``backend``: ``rtn`` (fake round-to-nearest, any device), ``bnb`` (bitsandbytes on a CUDA GPU:
     LLM.int8 / NF4) or ``auto`` (bnb when a GPU and bitsandbytes are there, else rtn). Writes
@@ -188,7 +204,8 @@ def run_quantise(run: AttackRun, bits: Sequence[int] = (8, 4), backend: str = "a
                                           max_new_tokens=run.max_new_tokens, oracle=oracle, progress=progress,
                                           label=label))
 
-    result: dict[str, Any] = {"none": evaluate(model, "unlearned")}
+    stored = run.stored_eval("unlearned", sets, tokenizer)
+    result: dict[str, Any] = {"none": summary_row(stored) if stored is not None else evaluate(model, "unlearned")}
     for b in bits:
         if used == "bnb":
             quantised = load_bnb_quantised(run.models["unlearned"], b)

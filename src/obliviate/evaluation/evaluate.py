@@ -34,6 +34,7 @@ from obliviate.evaluation.results import EvalResult, PerSample, SetResult
 from obliviate.evaluation.scores import ModelScores, Pair
 from obliviate.processes import processes
 from obliviate.runs import atomic_write_json, read_json
+from obliviate.runs.fingerprint import dataset_fingerprint
 
 # Benchmark role -> evaluation set name.
 SET_ROLES = {
@@ -252,6 +253,21 @@ class Evaluation:
     scores: ModelScores
 
 
+def evaluation_settings(model, sets: Mapping[str, QADataset], fmt: ChatFormat, batch_size: int,
+                        max_new_tokens: int, length_budget: float | None) -> dict[str, Any]:
+    """What an evaluation's numbers depend on besides the model's weights: each set's rows (content
+    fingerprint), the prompt format, the batch size (padding), the token budget and the weights' dtype.
+    Recorded as ``made_with`` in ``eval.json``, so that a later consumer (the quantisation attack's
+    full-precision row) can take a stored evaluation of the same model instead of running it again
+    only when it was made exactly as it would make it."""
+    dtype = next((str(p.dtype) for p in model.parameters()), None) if hasattr(model, "parameters") else None
+    return {"sets": {name: {k: v for k, v in dataset_fingerprint(ds).items() if k in ("n", "sha256")}
+                     for name, ds in sets.items()},
+            "system_prompt": fmt.system_prompt, "max_length": fmt.max_length, "scored_tokens": fmt.scored_tokens,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "length_budget": length_budget,
+            "dtype": dtype}
+
+
 def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat | None = None,
                          batch_size: int = 32, max_new_tokens: int = 200,
                          oracle: EvalResult | Mapping[str, Any] | None = None, progress: bool = True,
@@ -324,7 +340,9 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
     forget_ratios = results["forget"].per_sample.truth_ratio_raw if "forget" in results else None
     if oracle_ratios is not None and forget_ratios is not None:  # the plan check above: both or neither
         quality = tofu.forget_quality(forget_ratios, oracle_ratios)
-    extra: dict[str, Any] = {"scored_tokens": fmt.scored_tokens}
+    extra: dict[str, Any] = {"scored_tokens": fmt.scored_tokens,
+                             "made_with": evaluation_settings(model, sets, fmt, batch_size, max_new_tokens,
+                                                              length_budget)}
     if length_budget is not None:
         extra["max_new_tokens_per_set"] = set_budgets
     result = EvalResult(model=label, sets=results, forget_quality=quality, model_utility=utility_from_sets(results),
