@@ -31,8 +31,13 @@ from obliviate.attacks.relearn import RelearnConfig, relearn_attack
 from obliviate.data.benchmark import Benchmark, load_benchmark
 from obliviate.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat
 from obliviate.data.qa import DataError, QADataset
-from obliviate.evaluation.evaluate import (eval_sets_from_benchmark, evaluate_model, evaluation_settings, load_eval,
-                                          summary_row)
+from obliviate.evaluation.evaluate import (
+    eval_sets_from_benchmark,
+    evaluate_model,
+    evaluation_settings,
+    load_eval,
+    summary_row,
+)
 from obliviate.evaluation.privacy import privacy_of_models, privacy_rows
 from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.processes import processes
