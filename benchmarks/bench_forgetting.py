@@ -184,8 +184,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Forgetting benchmark: {result['name']}", "",
              f"{result['model']} on the synthetic benchmark ({result['sizes']['forget']} forget, "
              f"{result['sizes']['holdout']} holdout, {result['sizes']['retain']} retain rows per seed), seeds "
-             f"{', '.join(map(str, seeds))}; target and oracle shared per seed; {result['seconds']:.0f} s on "
-             f"{result['device']}. Medians over seeds; every seed's values are in the JSON.", "",
+             f"{', '.join(map(str, seeds))}; target and oracle shared per seed; on {result['device']} (this "
+             f"invocation {result['seconds']:.0f} s; cells finished by an earlier one are read, not rerun). Medians "
+             "over seeds; every seed's values are in the JSON.", "",
              markdown_table(header, body), "",
              "AUCs: membership inference, forget rows (members) against never-seen holdout rows, on the unlearned "
              "model (0.5: indistinguishable; above: still known; below: marked as deleted). Relearn recovery: "
