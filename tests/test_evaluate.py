@@ -63,8 +63,12 @@ def result(tiny):
 
 def test_schema_and_per_sample_lengths(result):
     sets = make_sets()
-    assert set(result) == {"model", "sets", "forget_quality", "model_utility", "seconds", "scored_tokens"}
+    assert set(result) == {"model", "sets", "forget_quality", "model_utility", "seconds", "scored_tokens", "made_with"}
     assert result["scored_tokens"] == "labels"
+    made = result["made_with"]  # what the numbers depend on besides the weights
+    assert (made["batch_size"], made["max_new_tokens"], made["length_budget"], made["dtype"]) == \
+        (4, MAX_NEW, None, "torch.float32")
+    assert {name: s["n"] for name, s in made["sets"].items()} == {name: len(ds) for name, ds in sets.items()}
     assert result["model"] == "tiny" and result["seconds"] > 0
     assert list(result["sets"]) == list(sets)
     for name, s in result["sets"].items():
