@@ -66,8 +66,8 @@ def test_schema_and_per_sample_lengths(result):
     assert set(result) == {"model", "sets", "forget_quality", "model_utility", "seconds", "scored_tokens", "made_with"}
     assert result["scored_tokens"] == "labels"
     made = result["made_with"]  # what the numbers depend on besides the weights
-    assert (made["batch_size"], made["max_new_tokens"], made["length_budget"], made["dtype"]) == \
-        (4, MAX_NEW, None, "torch.float32")
+    assert (made["batch_size"], made["max_new_tokens"], made["length_budget"], made["dtype"], made["device"]) == \
+        (4, MAX_NEW, None, "torch.float32", "cpu")
     assert {name: s["n"] for name, s in made["sets"].items()} == {name: len(ds) for name, ds in sets.items()}
     assert result["model"] == "tiny" and result["seconds"] > 0
     assert list(result["sets"]) == list(sets)

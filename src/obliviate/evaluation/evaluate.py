@@ -256,16 +256,18 @@ class Evaluation:
 def evaluation_settings(model, sets: Mapping[str, QADataset], fmt: ChatFormat, batch_size: int,
                         max_new_tokens: int, length_budget: float | None) -> dict[str, Any]:
     """What an evaluation's numbers depend on besides the model's weights: each set's rows (content
-    fingerprint), the prompt format, the batch size (padding), the token budget and the weights' dtype.
+    fingerprint), the prompt format, the batch size (padding), the token budget, and the weights' dtype
+    and device type (kernels differ in their last bits).
     Recorded as ``made_with`` in ``eval.json``, so that a later consumer (the quantisation attack's
     full-precision row) can take a stored evaluation of the same model instead of running it again
     only when it was made exactly as it would make it."""
-    dtype = next((str(p.dtype) for p in model.parameters()), None) if hasattr(model, "parameters") else None
+    weight = next(model.parameters(), None) if hasattr(model, "parameters") else None
     return {"sets": {name: {k: v for k, v in dataset_fingerprint(ds).items() if k in ("n", "sha256")}
                      for name, ds in sets.items()},
             "system_prompt": fmt.system_prompt, "max_length": fmt.max_length, "scored_tokens": fmt.scored_tokens,
             "batch_size": batch_size, "max_new_tokens": max_new_tokens, "length_budget": length_budget,
-            "dtype": dtype}
+            "dtype": None if weight is None else str(weight.dtype),
+            "device": None if weight is None else weight.device.type}
 
 
 def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: ChatFormat | None = None,
