@@ -95,7 +95,7 @@ class AttackRun:
     def stored_eval(self, label: str, sets: dict[str, QADataset], tokenizer) -> dict | None:
         """The run's own ``eval/<label>.json`` when it is an evaluation of this run's ``label`` model
         (the run's layout, not a model given explicitly) made exactly as this run would make it now
-        (``evaluation_settings``: same rows, prompt format, batch size, token budget, dtype), so its
+        (``evaluation_settings``: same rows, prompt format, batch size, token budget, dtype, device), so its
         numbers are those a new evaluation would give; otherwise None. An evaluation with an oracle
         has the forget quality against ``eval/oracle.json``, the file :meth:`oracle_eval` reads."""
         path = self.path / "eval" / f"{label}.json"
