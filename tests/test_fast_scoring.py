@@ -101,6 +101,17 @@ def test_scores_equal_one_plain_forward_per_pair(tiny, batch_size):
         assert_same_scores(scores, plain_scores(model, fmt, *pair), pair)
 
 
+@pytest.mark.parametrize("head_rows, stats_rows", [(1, 1), (5, 2), (7, 3), (6, 8), (341, 8)])
+def test_output_layer_and_statistics_pieces_of_any_size_give_the_same_numbers(tiny, monkeypatch, head_rows,
+                                                                               stats_rows):
+    """The output layer runs over ``head_rows`` positions at a time and the log-softmax statistics over
+    ``stats_rows``; neither has to divide the other (a statistics piece stops at its product's end)."""
+    model, fmt = tiny
+    monkeypatch.setattr(Runner, "chunk_rows", lambda self: (head_rows, stats_rows))
+    for pair, scores in zip(PAIRS, score_pairs(model, fmt, PAIRS, batch_size=4)):
+        assert_same_scores(scores, plain_scores(model, fmt, *pair), pair)
+
+
 def test_scores_without_distribution_statistics_are_the_same_numbers(tiny):
     """``distribution=False`` skips only the mean and spread of each position's log-probs (what
     Min-K%++ reads), which then refuses instead of giving a number; the rest is bit-identical."""

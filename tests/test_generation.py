@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from obliviate.data.chat import ChatFormat, pad_batch
-from obliviate.evaluation.generation import generate_answers, greedy_batch, stop_token_ids
+from obliviate.evaluation.generation import decode_width, generate_answers, greedy_batch, stop_token_ids
 from obliviate.models.loading import load_model, load_tokenizer
 from obliviate.models.tiny import build_tiny_model
 
@@ -45,8 +45,10 @@ def test_batched_matches_one_by_one_and_slow_reference(tiny):
         assert got == slow_greedy(model, prompt, set(stops), 10)
 
     seen = []
-    # batch size 2: prompts prefilled 2 at a time, decoded 4 at a time, so answers finish in several rounds
-    texts = generate_answers(model, fmt, QUESTIONS, max_new_tokens=10, batch_size=2, progress=seen.append)
+    # batch size 1: prompts prefilled one at a time, decoded decode_width(1) < 6 at a time, so answers
+    # finish in several rounds
+    assert decode_width(1) < len(QUESTIONS)
+    texts = generate_answers(model, fmt, QUESTIONS, max_new_tokens=10, batch_size=1, progress=seen.append)
     singles = [generate_answers(model, fmt, [q], max_new_tokens=10)[0] for q in QUESTIONS]
     assert texts == singles
     assert texts == [tok.decode(t, skip_special_tokens=True).strip() for t in batched]

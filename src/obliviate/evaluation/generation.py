@@ -44,12 +44,12 @@ def budgets_for(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
 
 
 def decode_width(batch_size: int) -> int:
-    """Rows decoded at once for a scoring batch size: twice as many. A decoding step reads every
-    weight for one token per row, so it is bound by memory traffic more than by arithmetic at a
-    scoring batch's size: on 2 CPU cores with SmolLM2-135M a step of 64 rows costs 1.5 times one of
-    32 (4.4 instead of 5.8 ms per token). The pool's cache grows with it (the issue-12 evaluation
-    peaks at 2.5 GB instead of 1.8 GB)."""
-    return 2 * batch_size
+    """Rows decoded at once for a scoring batch size: four times as many. A decoding step reads every
+    weight (and every row's cache) for one token per row, so it is bound by memory traffic more than
+    by arithmetic at a scoring batch's size: on 2 CPU cores with SmolLM2-135M and a 150-token cache,
+    a step costs 6.5 ms per token at 64 rows, 5.0 at 96 and 4.4 at 128. The pool's cache grows with
+    it (the issue-12 evaluation peaks at 4.0 GB of resident memory with 128 rows, 2.5 GB with 64)."""
+    return 4 * batch_size
 
 
 class DecodePool:
