@@ -238,10 +238,10 @@ def test_each_pair_is_scored_once_and_shared(tiny):
     fmt = ChatFormat(tok)
     calls = []
 
-    def counting(model, fmt, pairs, batch_size=32, progress=None):
+    def counting(model, fmt, pairs, batch_size=32, progress=None, distribution=True):
         calls.append(len(pairs))
         assert fmt.scored_tokens == "answer"
-        return score_pairs(model, fmt, pairs, batch_size=batch_size)
+        return score_pairs(model, fmt, pairs, batch_size=batch_size, distribution=distribution)
 
     full = load_mc(DATA)
     half = MCSet("half", full.items[:3], "half")

@@ -221,3 +221,81 @@ def test_the_pipeline_calibrates_on_the_forget_rows_with_their_perturbed_answers
     check = CalibratedCheck(ChatFormat(load_tokenizer(str(tiny_model_dir))), rows, bench.split("holdout"))
     calls = {c.name: c for c in check.criteria(load_model(str(tiny_model_dir)))[0]}
     assert calls["knowledge:truth_ratio"].measured
+
+
+# ---------------------------------------------------------------- scores shared within a step
+
+
+def test_a_step_scores_each_pair_once_for_the_check_and_the_trajectory(tiny_model_dir, small_bench):
+    """The calibrated check and a trajectory point at the same step read one set of scores: the check
+    at step 0 reads a seed holding its pairs (the target's evaluation) and scores none; a trajectory
+    point after a check scores only the pairs the check did not, with the numbers it gets alone; a
+    new step, or another prompt layout, starts afresh; a held score without the distribution
+    statistics is scored again when they are needed."""
+    from obliviate.evaluation.evaluate import eval_sets_from_benchmark, evaluate_likelihoods, evaluate_with_scores
+    from obliviate.evaluation.scores import ModelScores, StepScores
+    from obliviate.pipeline import calibration_forget
+
+    bench = load_benchmark(small_bench)
+    model, tok = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    fmt = ChatFormat(tok)
+    holdout = bench.split("holdout")
+    alone = CalibratedCheck(fmt, calibration_forget(bench), holdout)
+    shared = StepScores()
+    check = CalibratedCheck(fmt, calibration_forget(bench), holdout, step_scores=shared)
+    sets = eval_sets_from_benchmark(bench)
+    seed = evaluate_with_scores(model, tok, sets, fmt, max_new_tokens=2, progress=False,
+                                extra_pairs=check.pairs).scores
+    held = len(seed)
+    shared.seed(0, seed)
+    decision, fresh = check(model, 0), alone(model, 0)
+    assert shared.at(0, fmt).scored == 0 and len(seed) == held  # nothing scored; the seed itself untouched
+    assert decision.distance == pytest.approx(fresh.distance, rel=1e-6) and decision.gate == fresh.gate
+
+    check(model, 3)
+    at3 = shared.at(3, fmt)
+    assert at3.scored == len(check.pairs)  # a new step: the check's pairs, each once
+    row = evaluate_likelihoods(model, sets, fmt, scores_held=at3)
+    wanted = evaluate_with_scores(model, tok, sets, fmt, max_new_tokens=1, progress=False).scores
+    assert at3.scored == len(set(wanted.pairs) | set(check.pairs))  # the trajectory added only the others
+    alone_row = evaluate_likelihoods(model, sets, fmt)
+    assert row.keys() == alone_row.keys()
+    for key, value in alone_row.items():
+        assert (value is None and row[key] is None) or row[key] == pytest.approx(value, abs=1e-6), key
+
+    other = ChatFormat(tok, system_prompt="Another system prompt.")
+    assert shared.at(3, other) is not at3 and len(shared.at(3, other)) == 0
+    lean = ModelScores.empty(fmt)
+    lean.ensure(model, fmt, check.pairs[:2], distribution=False)
+    assert all(s.dist_mean is None for s in lean.pairs.values())
+    lean.ensure(model, fmt, check.pairs[:2])
+    assert lean.scored == 4 and all(s.dist_mean is not None for s in lean.pairs.values())
+
+
+def test_the_pipeline_shares_its_scores_between_checks_trajectory_and_the_target_evaluation(
+        tiny_model_dir, small_bench, tmp_path, monkeypatch):
+    """In a calibrated pipeline run with trajectory points, the check at step 0 reads the target's
+    evaluation (it scores nothing), and each step's check and trajectory point use one set of scores."""
+    import obliviate.pipeline as pipeline
+    from obliviate.evaluation.scores import StepScores
+
+    handed: list[tuple[int, object]] = []
+
+    class Recording(StepScores):
+        def at(self, step, fmt):
+            scores = super().at(step, fmt)
+            handed.append((step, scores))
+            return scores
+
+    monkeypatch.setattr(pipeline, "StepScores", Recording)
+    cfg = pipeline.PipelineConfig(model=str(tiny_model_dir), method="ga", calibrate=True, max_new_tokens=2,
+                                  finetune=FINETUNE,  # memorised: the check at step 0 does not stop the run
+                                  unlearn={**UNLEARN, "epochs": 2, "lr": 1e-4, "eval_every": 1})
+    pipeline.run_pipeline(small_bench, tmp_path / "run", cfg, progress=False, echo=lambda *a: None)
+    zero = [scores for step, scores in handed if step == 0]
+    assert zero and all(s.scored == 0 for s in zero)  # the target's evaluation held every pair
+    by_step: dict[int, set[int]] = {}
+    for step, scores in handed:
+        by_step.setdefault(step, set()).add(id(scores))
+    shared = [step for step, ids in by_step.items() if step > 0 and sum(s == step for s, _ in handed) > 1]
+    assert shared and all(len(by_step[step]) == 1 for step in shared)

@@ -41,7 +41,7 @@ from obliviate.evaluation.evaluate import (
     summary_row,
 )
 from obliviate.evaluation.multiple_choice import evaluate_mc_sets
-from obliviate.evaluation.scores import ModelScores, Pair
+from obliviate.evaluation.scores import ModelScores, Pair, StepScores
 from obliviate.evaluation.stopping import HOLDOUT_NEEDED, CalibratedCheck, CalibrationOptions
 from obliviate.methods import Procedure, build_method
 from obliviate.models.fingerprint import model_sha256
@@ -86,7 +86,8 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
             on_eval: Callable[[torch.nn.Module, int], None] | None = None,
             extra_config: dict[str, Any] | None = None, wagle: Any = None, guard: Any = None,
             general: DataSpec | None = None, log: Callable[[str], None] | None = None,
-            holdout: DataSpec | None = None, calibrate: bool | dict[str, Any] | CalibrationOptions = False) -> Path:
+            holdout: DataSpec | None = None, calibrate: bool | dict[str, Any] | CalibrationOptions = False,
+            step_scores: StepScores | None = None) -> Path:
     """Unlearn ``forget`` from ``model`` with a method from ``obliviate.methods`` (``obliviate methods``
     lists them), keeping ``retain``. Returns the directory of the unlearned checkpoint.
 
@@ -102,7 +103,9 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
     ``train.check_every`` optimizer steps (0: every epoch) forget and holdout rows are scored with
     log-probs only; training stops once the membership AUCs and knowledge tests are inside their band,
     the checkpoint closest to the band's centre is kept, and forget rows that already look like holdout
-    rows stop contributing (per-sample gating). The path is logged in ``checks.jsonl``."""
+    rows stop contributing (per-sample gating). The path is logged in ``checks.jsonl``. ``step_scores``
+    (``evaluation.scores.StepScores``) shares the checks' scores with ``on_eval`` at the same step, and
+    may hold the model's scores for step 0."""
     method_options = dict(method_options or {})
     built = build_method(method, **method_options)
     procedure = isinstance(built, Procedure)
@@ -160,7 +163,7 @@ def unlearn(model: str | Path, forget: DataSpec, retain: DataSpec | None, out: s
                     run, net, fmt, built, forget_ds, retain_ds, lora=train.lora, wagle=wagle, guard=guard,
                     param_masks=param_masks, sample_weights=sample_weights, resume=resume)
                 run.write_config({**config, **attribution_config}, seed=train.seed)
-            on_check = (CalibratedCheck(fmt, forget_ds, datasets["holdout"], calibration)
+            on_check = (CalibratedCheck(fmt, forget_ds, datasets["holdout"], calibration, step_scores)
                         if calibration is not None else None)
             out_dir = _train(run, net, tokenizer, fmt, built, forget_ds, train, retain=retain_ds, resume=resume,
                              progress=progress, description=f"unlearn ({method})", sample_weights=sample_weights,

@@ -32,7 +32,7 @@ from obliviate.evaluation.evaluate import (
 )
 from obliviate.evaluation.privacy import privacy_of_models, privacy_pairs, privacy_rows
 from obliviate.evaluation.sacrifice import sacrifice_rates
-from obliviate.evaluation.scores import ModelScores
+from obliviate.evaluation.scores import ModelScores, StepScores
 from obliviate.evaluation.verdict import Evidence, Settings, log_prob_pairs, run_verdict
 from obliviate.methods import Procedure, build_method
 from obliviate.models.loading import DEFAULT_MODEL, load_tokenizer
@@ -126,8 +126,14 @@ def run_pipeline(bench: Benchmark | str | Path, out: str | Path, cfg: PipelineCo
         oracle_eval = evaluated("oracle", oracle)
         target_eval = evaluated("target", target, oracle_eval)
         echo(f"[obliviate] unlearning the forget split with {cfg.method}")
-        trajectory = _Trajectory(run, target, sets, oracle_eval, target_eval, cfg, len(bench.split("forget")), resume)
-        unlearned = _unlearn(target, bench, run.file("unlearn"), cfg, resume, common, trajectory.on_eval)
+        # The calibrated checks and the trajectory points score the model at the same steps: each pair
+        # once per step. Step 0 is the target, whose evaluation (when run here) scored the same pairs.
+        step_scores = StepScores()
+        if "target" in scores:
+            step_scores.seed(0, scores["target"])
+        trajectory = _Trajectory(run, target, sets, oracle_eval, target_eval, cfg, len(bench.split("forget")), resume,
+                                 step_scores)
+        unlearned = _unlearn(target, bench, run.file("unlearn"), cfg, resume, common, trajectory.on_eval, step_scores)
         unlearned_eval = evaluated("unlearned", unlearned, oracle_eval)
         trajectory.finish(unlearned_eval, run.file("unlearn"))
         privacy = _privacy(run, bench, {"target": target, "oracle": oracle, "unlearned": unlearned}, cfg, resume,
@@ -164,8 +170,9 @@ class _Trajectory:
             "forget_truth_ratio", "retain_rouge")
 
     def __init__(self, run: RunDir, target: Path, sets, oracle_eval: dict, target_eval: dict, cfg: PipelineConfig,
-                 n_forget: int, resume: bool):
+                 n_forget: int, resume: bool, step_scores: StepScores):
         self.run, self.target, self.sets, self.oracle_eval, self.cfg = run, target, sets, oracle_eval, cfg
+        self.step_scores = step_scores
         train = presets.train_config(cfg.unlearn, presets.UNLEARN)  # what api.unlearn will train with
         self.every, self.last = train.eval_every, planned_steps(train, n_forget)
         self.points = {row["step"]: row for row in run.read_json("trajectory.json")} \
@@ -196,7 +203,7 @@ class _Trajectory:
                                   max_length=self.cfg.max_length)
         # log-prob metrics only: generation (ROUGE, model utility) runs for the final models alone
         row = evaluate_likelihoods(model, self.sets, self.fmt, batch_size=self.cfg.eval_batch_size,
-                                   oracle=self.oracle_eval)
+                                   oracle=self.oracle_eval, scores_held=self.step_scores.at(step, self.fmt))
         self.points[step] = {"step": step, "generated": False, **{k: row.get(k) for k in self.KEYS}}
         self._write()
 
@@ -224,14 +231,14 @@ def calibration_forget(bench: Benchmark) -> QADataset:
 
 
 def _unlearn(target: Path, bench: Benchmark, out: Path, cfg: PipelineConfig, resume: bool, common: dict,
-             on_eval=None) -> Path:
+             on_eval=None, step_scores: StepScores | None = None) -> Path:
     # Calibrated against the holdout split; a benchmark without one says so (--no-calibrate runs without).
     calibrate = cfg.calibrate and not isinstance(build_method(cfg.method, **cfg.method_options), Procedure)
     forget = calibration_forget(bench) if calibrate else bench.split("forget")
     return api.unlearn(target, forget, bench.split("retain"), out, method=cfg.method,
                        method_options=cfg.method_options, train=cfg.unlearn, resume=resume, wagle=cfg.wagle,
                        guard=cfg.guard, on_eval=on_eval, holdout=bench.split("holdout") if calibrate else None,
-                       calibrate=cfg.calibrate if calibrate else False, **common)
+                       calibrate=cfg.calibrate if calibrate else False, step_scores=step_scores, **common)
 
 
 def _privacy(run: RunDir, bench: Benchmark, models: dict[str, Path], cfg: PipelineConfig, resume: bool,

@@ -353,18 +353,22 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
 
 
 def evaluate_likelihoods(model, sets: dict[str, QADataset], fmt: ChatFormat, batch_size: int = 32,
-                         oracle: EvalResult | Mapping[str, Any] | None = None) -> dict[str, float | None]:
+                         oracle: EvalResult | Mapping[str, Any] | None = None,
+                         scores_held: ModelScores | None = None) -> dict[str, float | None]:
     """The log-prob metrics of :func:`evaluate_with_scores`, without generation: a summary row
     (:func:`summary_row`'s keys) with each set's probability and truth ratio and forget quality as
     the full evaluation computes them, ROUGE and model utility None (they need generated answers),
     and ``logprob_utility`` (:func:`logprob_utility`). For checks along a training run (the
-    pipeline's trajectory points), where a full evaluation each time would cost generations."""
+    pipeline's trajectory points), where a full evaluation each time would cost generations.
+    ``scores_held``: scores of this model already made (e.g. by a calibrated check at the same
+    training step); only the pairs they lack are scored, and added to them."""
     if not sets:
         raise ValueError("no evaluation sets given")
     oracle_ratios = _oracle_ratios(oracle, fmt.scored_tokens) if oracle is not None and "forget" in sets else None
     pairs = _Pairs(fmt)
     plans = {name: _plan(name, ds, pairs) for name, ds in sets.items()}
-    scores = score_pairs(model, fmt, pairs.pairs, batch_size=batch_size, distribution=False)
+    held = scores_held if scores_held is not None else ModelScores.empty(fmt)
+    scores = held.ensure(model, fmt, pairs.pairs, batch_size=batch_size, distribution=False)
     row: dict[str, float | None] = {}
     order = (["forget"] if "forget" in sets else []) + [name for name in sets if name != "forget"]
     for i, name in enumerate(order):

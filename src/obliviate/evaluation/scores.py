@@ -71,12 +71,39 @@ class ModelScores:
         self.pairs.update(zip(pairs, scores))
 
     def ensure(self, model, fmt: ChatFormat, pairs: Sequence[Pair], batch_size: int = 32,
-               score: Callable[..., list[TokenScores]] = score_pairs) -> list[TokenScores]:
-        """Scores of ``pairs`` in order, scoring only those not held yet (one batched call)."""
+               score: Callable[..., list[TokenScores]] = score_pairs,
+               distribution: bool = True) -> list[TokenScores]:
+        """Scores of ``pairs`` in order, scoring only those not held yet (one batched call).
+        ``distribution``: the scores must have the distribution statistics (Min-K%++ reads them); a
+        held score without them is scored again, with them. Without it, new pairs are scored without."""
         if layout_of(fmt) != self.layout:
             raise ValueError(f"these scores were made with the prompt layout {self.layout}, not {layout_of(fmt)}")
-        missing = self.missing(pairs)
+        missing = [p for p in dict.fromkeys(pairs)
+                   if p not in self.pairs or (distribution and self.pairs[p].dist_mean is None)]
         if missing:
-            self.add(missing, score(model, fmt, missing, batch_size=batch_size))
+            self.add(missing, score(model, fmt, missing, batch_size=batch_size, distribution=distribution))
             self.scored += len(missing)
         return self.get(pairs)
+
+
+class StepScores:
+    """The scores of a model in training, one :class:`ModelScores` per optimizer step: whatever runs at
+    the same step (the calibrated check, a trajectory point of the pipeline) reads and adds to the
+    same one, so each pair is scored once per step, not once per consumer. The weights do not change
+    within a step, and a new step starts afresh. :meth:`seed` hands in scores already made of the
+    same weights elsewhere (the pipeline's evaluation of the target, for step 0)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.scores: ModelScores | None = None
+
+    def seed(self, step: int, scores: ModelScores) -> None:
+        """``scores`` (kept as they are: a copy of their pairs is extended) as step ``step``'s."""
+        self.step, self.scores = step, ModelScores(scores.layout, scores.label, dict(scores.pairs),
+                                                   dict(scores.generations))
+
+    def at(self, step: int, fmt: ChatFormat) -> ModelScores:
+        """Step ``step``'s scores in ``fmt``'s layout (scores of another layout are not reused)."""
+        if step != self.step or self.scores is None or self.scores.layout != layout_of(fmt):
+            self.step, self.scores = step, ModelScores.empty(fmt)
+        return self.scores

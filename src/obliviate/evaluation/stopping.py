@@ -46,7 +46,7 @@ from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import QADataset
 from obliviate.errors import UserError
 from obliviate.evaluation.mia import DEFAULT_K
-from obliviate.evaluation.scores import ModelScores
+from obliviate.evaluation.scores import ModelScores, StepScores
 from obliviate.evaluation.verdict import SAME, Criterion, log_prob_calls, log_prob_pairs, log_prob_values, overall_call
 from obliviate.options import OptionsError, check_fields, options_from_dict
 from obliviate.training.checks import CheckDecision
@@ -145,7 +145,7 @@ class CalibratedCheck:
     scored with ``fmt`` (the layout training uses)."""
 
     def __init__(self, fmt: ChatFormat, forget: QADataset, holdout: QADataset,
-                 options: CalibrationOptions | None = None):
+                 options: CalibrationOptions | None = None, step_scores: StepScores | None = None):
         if len(holdout) == 0:
             raise UserError(f"{HOLDOUT_NEEDED}; {holdout.source} has no rows")
         if len(forget) < 2 or len(holdout) < 2:
@@ -153,11 +153,14 @@ class CalibratedCheck:
                             f"holdout {len(holdout)}; give each at least 2 (more give a narrower band)")
         self.fmt, self.forget, self.holdout = fmt, forget, holdout
         self.options = options or CalibrationOptions()
+        # shared with whatever else scores the model at the same step (the pipeline's trajectory points)
+        self.step_scores = step_scores if step_scores is not None else StepScores()
         self.pairs = list(dict.fromkeys(log_prob_pairs(forget) + log_prob_pairs(holdout)))
 
-    def criteria(self, model) -> tuple[list[Criterion], dict[str, Any], dict[str, Any]]:
-        """The log-prob criteria of ``model`` and the per-sample values of each set."""
-        scores = ModelScores.empty(self.fmt)
+    def criteria(self, model, step: int | None = None) -> tuple[list[Criterion], dict[str, Any], dict[str, Any]]:
+        """The log-prob criteria of ``model`` and the per-sample values of each set; with ``step`` (the
+        training step the model is at) the pairs already scored at that step are read, not scored again."""
+        scores = ModelScores.empty(self.fmt) if step is None else self.step_scores.at(step, self.fmt)
         scores.ensure(model, self.fmt, self.pairs, batch_size=self.options.batch_size)
         forget = log_prob_values(scores, self.forget, self.options.k)
         holdout = log_prob_values(scores, self.holdout, self.options.k)
@@ -166,7 +169,7 @@ class CalibratedCheck:
         return calls, forget, holdout
 
     def __call__(self, model, step: int) -> CheckDecision:
-        calls, forget, holdout = self.criteria(model)
+        calls, forget, holdout = self.criteria(model, step)
         measured = [c for c in calls if c.measured]
         distances = {c.name: normalised_distance(c) for c in measured}
         gate = gated_rows(np.asarray(forget["nll"]), np.asarray(holdout["nll"])) if self.options.gate else frozenset()
