@@ -176,6 +176,14 @@ def test_privacy_from_evaluation_scores_runs_no_evaluated_model(tiny, three_mode
     before = count_forward["rows"]
     privacy_of_models({"target": three_models["target"]}, forget, holdout, device="cpu", scores=partial)
     assert count_forward["rows"] - before == 1
+    # So do scores without the distribution statistics Min-K%++ reads (a log-prob-only evaluation's).
+    lean = scores["oracle"]
+    pair = (holdout[0].question, holdout[0].answer)
+    lean.pairs[pair] = replace(lean.pairs[pair], dist_mean=None, dist_std=None)
+    before = count_forward["rows"]
+    again = privacy_of_models({"oracle": three_models["oracle"]}, forget, holdout, device="cpu",
+                              scores={"oracle": lean})
+    assert count_forward["rows"] - before == 1 and np.isfinite(again["oracle"]["auc"]["min_k_plus_plus"])
 
 
 # ------------------------------------------------------------------------------------------- a finished run

@@ -176,7 +176,7 @@ def privacy_of_models(models: Mapping[str, str | Path], forget: QADataset, holdo
         if ref_model is not None:  # the tokenizer is shared, so the first model's layout serves all
             ref_scores, ref_model = reference_scores(ref_model, fmt, forget, holdout, batch_size), None
         own = (scores or {}).get(label)
-        if own is not None and not own.missing(needed):
+        if own is not None and not own.missing(needed, distribution=True):  # Min-K%++ reads the statistics
             results[label] = privacy_from_scores(own, forget, holdout, ref_scores, k)
             continue
         model = load_model(str(path), dtype=dtype, device=device)

@@ -52,9 +52,11 @@ class ModelScores:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def missing(self, pairs: Iterable[Pair]) -> list[Pair]:
-        """The pairs not held yet, each once, in first-seen order."""
-        return [p for p in dict.fromkeys(pairs) if p not in self.pairs]
+    def missing(self, pairs: Iterable[Pair], distribution: bool = False) -> list[Pair]:
+        """The pairs not held yet, each once, in first-seen order; with ``distribution`` also those held
+        without the distribution statistics (Min-K%++ reads them)."""
+        return [p for p in dict.fromkeys(pairs)
+                if p not in self.pairs or (distribution and self.pairs[p].dist_mean is None)]
 
     def get(self, pairs: Sequence[Pair]) -> list[TokenScores]:
         """Scores of ``pairs`` in order; :class:`MissingScores` when any is not held."""
@@ -78,8 +80,7 @@ class ModelScores:
         held score without them is scored again, with them. Without it, new pairs are scored without."""
         if layout_of(fmt) != self.layout:
             raise ValueError(f"these scores were made with the prompt layout {self.layout}, not {layout_of(fmt)}")
-        missing = [p for p in dict.fromkeys(pairs)
-                   if p not in self.pairs or (distribution and self.pairs[p].dist_mean is None)]
+        missing = self.missing(pairs, distribution)
         if missing:
             self.add(missing, score(model, fmt, missing, batch_size=batch_size, distribution=distribution))
             self.scored += len(missing)
