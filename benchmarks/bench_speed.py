@@ -17,7 +17,7 @@ forget + retain) and ``evaluate`` (TOFU metrics on the evaluation sets). Each ru
   same data, same optimiser.
 * ``floor``: the hardware floor on the same rows and the same model, with no obliviate machinery:
   plain PyTorch/transformers ``model(input_ids, attention_mask, labels).loss.backward()`` + AdamW
-  step at full batches (``--batch-size`` rows sorted by length, so padding is minimal), one pass
+  step (fused on a CPU or GPU) at full batches (``--batch-size`` rows sorted by length, so padding is minimal), one pass
   over the stage's rows (the forget views the method trains on plus as many retain rows, for
   unlearning); for ``evaluate`` a forward pass only (no grad) at ``--eval-batch-size`` over every
   unique scored (question, answer) pair and every question's prompt followed by its true answer
@@ -309,7 +309,8 @@ def floor_train(model, batches: list[list[tuple]], lr: float, mixed_precision: s
     backward, AdamW. The first group runs once untimed (kernel selection, allocator warm-up)."""
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, **({"fused": True} if device.type == "cuda" else {}))
+    # torch's fused AdamW where it has one, as the library's loop uses it
+    optimizer = torch.optim.AdamW(params, lr=lr, **({"fused": True} if device.type in ("cuda", "cpu") else {}))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mixed_precision == "bf16" else nullcontext())
     on_device = [[tuple(t.to(device) for t in b) for b in group] for group in batches]
 

@@ -242,6 +242,33 @@ def test_a_procedure_is_not_trained_by_the_loop(parts):
 # ---------------------------------------------------------------- training near the floor
 
 
+def test_adamw_is_one_fused_kernel_on_a_cpu_with_the_per_tensor_loops_numbers():
+    """On a CPU the optimizer runs torch's fused AdamW (one pass over the weights per step, not one
+    per element-wise operation): the same updates as torch's per-tensor loop, up to float rounding."""
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(32), torch.randn(7, 5)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(4)]
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+
+    def stepped(make):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = make(param_groups([(f"w{i}", p) for i, p in enumerate(params)], set(), cfg.weight_decay))
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+        return optimizer, params
+
+    fused, got = stepped(lambda groups: build_optimizer(cfg, groups, False))
+    assert fused.defaults["fused"] is True
+    _, want = stepped(lambda groups: torch.optim.AdamW(groups, lr=cfg.lr, foreach=False))
+    for g, w, start in zip(got, want, weights):
+        assert not torch.equal(g, start)
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    sharded, _ = stepped(lambda groups: build_optimizer(cfg, groups, True))  # FSDP/DeepSpeed own the weights
+    assert not sharded.defaults["fused"]
+
+
 def _reference_history(model, tok, method, data, retain, cfg):
     """The per-step log of a plain loop, obviously correct: the batches the loop draws (length-grouped
     per epoch and per retain cycle), the method called as a whole (its logs read as floats at every

@@ -28,9 +28,12 @@ def decay_masked(masked_params: list[tuple[torch.nn.Parameter, torch.Tensor]], l
 def build_optimizer(cfg: TrainConfig, groups: list[dict], sharded: bool) -> torch.optim.Optimizer:
     """``cfg.optimizer`` over ``groups``; ``sharded``: FSDP/DeepSpeed own the parameters."""
     if cfg.optimizer == "adamw":
-        # One fused kernel per step when every weight is on a GPU (not under FSDP/DeepSpeed, which
-        # own the parameters); torch's default implementation elsewhere.
-        fused = not sharded and all(p.is_cuda for g in groups for p in g["params"])
+        # One fused kernel per step when every weight is on a GPU or every weight on the CPU (not
+        # under FSDP/DeepSpeed, which own the parameters): on 2 CPU cores a step over SmolLM2-135M's
+        # weights takes 87 ms fused against 376 ms in torch's default per-tensor loop, which reads
+        # and writes the four weight-sized tensors once per element-wise operation.
+        devices = {p.device.type for g in groups for p in g["params"]}
+        fused = not sharded and len(devices) == 1 and devices <= {"cuda", "cpu"}
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
