@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import obliviate.evaluation.forward as forward
+import obliviate.evaluation.logprobs as logprobs
 from obliviate.data.chat import ChatFormat
 from obliviate.evaluation.forward import Runner
 from obliviate.evaluation.generation import generate_answers, greedy_batch, stop_token_ids
@@ -92,9 +93,12 @@ def assert_same_scores(got, want: dict[str, np.ndarray], what) -> None:
     np.testing.assert_array_equal(got.argmax_match, want["argmax_match"], err_msg=str(what))
 
 
+@pytest.mark.parametrize("trees", [True, False], ids=["answer-trees", "one-row-per-answer"])
 @pytest.mark.parametrize("batch_size", [1, 2, 32])
-def test_scores_equal_one_plain_forward_per_pair(tiny, batch_size):
+def test_scores_equal_one_plain_forward_per_pair(tiny, batch_size, trees, monkeypatch):
+    """With answer trees (SDPA, eager attention) and without (the path for flash attention)."""
     model, fmt = tiny
+    monkeypatch.setattr(logprobs, "tree_attention", lambda runner: trees)
     got = score_pairs(model, fmt, PAIRS, batch_size=batch_size)
     assert len(got) == len(PAIRS)
     for pair, scores in zip(PAIRS, got):
@@ -205,9 +209,14 @@ def test_output_layer_runs_only_at_scored_positions(tiny, monkeypatch):
         hook.remove()
     unique = list(dict.fromkeys(pairs))
     prompts = {q for q, _ in unique}
-    scored = sum(fmt.encode_scored(q, a).scored_len for q, a in unique)
+    # an answer's inputs are its scored tokens but the last; answers to one question that start
+    # alike ("A painter." and "A cook.") run their common start once
+    inputs = [(q, fmt.encode_scored(q, a)) for q, a in unique]
+    starts = {(q, tuple(e.input_ids[e.answer_start:e.answer_start + k])) for q, e in inputs
+              for k in range(1, e.scored_len)}
     assert max(seen) <= 3
-    assert sum(seen) == scored - len(unique) + len(prompts)
+    assert sum(seen) == len(starts) + len(prompts)
+    assert len(starts) < sum(e.scored_len - 1 for _, e in inputs)
 
 
 def test_finished_rows_leave_the_batch(tiny, monkeypatch):

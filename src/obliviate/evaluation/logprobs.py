@@ -12,7 +12,9 @@ the default); ``scored_tokens="answer"`` scores the answer's tokens alone (docs/
 The work is only what the scores need (``evaluation.forward``): the distinct prompts of a batch of
 questions run once, and every answer to those questions (true, paraphrased, perturbed, candidates)
 continues from its prompt's KV cache, so a prompt is not recomputed per answer; the question's greedy
-generation continues from the same prefill (:func:`score_and_generate`). The output layer runs only
+generation continues from the same prefill (:func:`score_and_generate`). A prompt's answers run as one
+token tree where the attention takes a 4D mask (:func:`_score_trees`), so a start several answers
+share runs once too. The output layer runs only
 at the scored positions (the prompt's last position once per question, since it predicts the first
 token of every answer), a bounded number of positions at a time. Documents (an empty question,
 ``data.text``) have no prompt to share and are scored by one forward pass each, in padded batches.
@@ -156,9 +158,12 @@ def _score_from_prefill(runner: Runner, pre: Prefill, owner: list[int], encoded:
     first_lp, first_argmax, first_mean, first_std = _numpy(position_stats(
         runner, pre.last, torch.tensor(owner, device=device), torch.tensor([t[0] for t in targets], device=device),
         distribution))
+    if tree_attention(runner):
+        rest = _score_trees(runner, pre, owner, targets, pad_id, rows_per_pass * max(len(t) for t in targets),
+                            distribution)
+        return _joined(targets, owner, first_lp, first_argmax, first_mean, first_std, rest)
     empty = np.zeros(0, np.float32)
-    rest: list[tuple[np.ndarray | None, ...]] = [(empty, empty) + ((empty, empty) if distribution else (None, None))
-                                                 ] * len(encoded)
+    rest = [(empty, empty) + ((empty, empty) if distribution else (None, None))] * len(encoded)
     ordered = sorted((r for r in range(len(encoded)) if len(targets[r]) > 1), key=lambda r: -len(targets[r]))
     for c in range(0, len(ordered), rows_per_pass):
         rows = ordered[c:c + rows_per_pass]
@@ -182,14 +187,112 @@ def _score_from_prefill(runner: Runner, pre: Prefill, owner: list[int], encoded:
             n = len(targets[r]) - 1
             rest[r] = tuple(_part(x, start, n) for x in found)
             start += n
+    return _joined(targets, owner, first_lp, first_argmax, first_mean, first_std, rest)
+
+
+def _joined(targets: list[list[int]], owner: list[int], first_lp: np.ndarray, first_argmax: np.ndarray,
+            first_mean: np.ndarray | None, first_std: np.ndarray | None,
+            rest: list[tuple[np.ndarray | None, ...]]) -> list[TokenScores]:
+    """Each answer's scores: its first token's (read at its prompt's last position) then the rest."""
     out = []
-    for r in range(len(encoded)):
+    for r, t in enumerate(targets):
         q = owner[r]
         lp, am, mean, std = rest[r]
-        out.append(_token_scores(targets[r], np.concatenate([[first_lp[r]], lp]).astype(np.float32),
+        out.append(_token_scores(t, np.concatenate([[first_lp[r]], lp]).astype(np.float32),
                                  np.concatenate([[first_argmax[q]], am]).astype(np.int64),
                                  _first_then(first_mean, q, mean), _first_then(first_std, q, std)))
     return out
+
+
+@dataclass
+class _AnswerTree:
+    """The answers to one prompt as a token tree: the answers' inputs (each answer's scored tokens but
+    the last) merged where they start alike, so a shared start runs once. Node ``n`` holds one token
+    at depth ``depth[n]`` after the prompt, its ancestors are ``path[n]`` (itself included), and
+    ``reads`` lists (answer row, node, wanted token) for every scored token after an answer's first."""
+
+    tokens: list[int] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)
+    path: list[list[int]] = field(default_factory=list)
+    reads: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def add(self, row: int, targets: list[int], index: dict[tuple[int, int], int]) -> None:
+        parent = -1
+        for d, token in enumerate(targets[:-1]):
+            node = index.get((parent, token))
+            if node is None:
+                node = index[(parent, token)] = len(self.tokens)
+                self.tokens.append(token)
+                self.depth.append(d)
+                self.path.append((self.path[parent] if parent >= 0 else []) + [node])
+            self.reads.append((row, node, targets[d + 1]))
+            parent = node
+
+
+def tree_attention(runner: Runner) -> bool:
+    """Whether the model takes a 4D additive attention mask as it is (transformers' eager and SDPA
+    attention do; flash attention does not), which :func:`_score_trees` needs."""
+    return getattr(getattr(runner.model, "config", None), "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def _score_trees(runner: Runner, pre: Prefill, owner: list[int], targets: list[list[int]], pad_id: int,
+                 nodes_per_pass: int, distribution: bool) -> list[tuple[np.ndarray | None, ...]]:
+    """The scores of every answer's tokens after its first (as :func:`_score_from_prefill` returns
+    them), each prompt's answers run as one :class:`_AnswerTree` after its prompt's cache: a node
+    attends to the prompt and to its own ancestors only, at the position its depth gives, so it sees
+    exactly what it sees in its answer alone, and an answer start that several answers share (a
+    paraphrase and its perturbations often differ in a few words only) runs once. Prompts go
+    ``nodes_per_pass`` nodes at a time (padded), the largest trees first."""
+    device = runner.device
+    trees: dict[int, _AnswerTree] = {}
+    index: dict[int, dict[tuple[int, int], int]] = {}
+    for r, t in enumerate(targets):
+        if len(t) > 1:
+            trees.setdefault(owner[r], _AnswerTree()).add(r, t, index.setdefault(owner[r], {}))
+    empty = np.zeros(0, np.float32)
+    rest: list[tuple[np.ndarray | None, ...]] = [(empty, empty) + ((empty, empty) if distribution else (None, None))
+                                                 ] * len(targets)
+    dtype = next(runner.model.parameters()).dtype
+    blocked = torch.finfo(dtype).min
+    order = sorted(trees, key=lambda q: -len(trees[q].tokens))
+    start = 0
+    while start < len(order):
+        width = len(trees[order[start]].tokens)
+        count = max(1, nodes_per_pass // width)
+        prompts = order[start:start + count]
+        start += count
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        depth = torch.zeros((len(prompts), width), dtype=torch.long)
+        sees = torch.eye(width, dtype=torch.bool).repeat(len(prompts), 1, 1)  # padding nodes see themselves
+        offset = []  # where each prompt's nodes start among the real nodes of the pass
+        for k, q in enumerate(prompts):
+            tree = trees[q]
+            n = len(tree.tokens)
+            ids[k, :n] = torch.tensor(tree.tokens)
+            depth[k, :n] = torch.tensor(tree.depth)
+            for node, ancestors in enumerate(tree.path):
+                sees[k, node, ancestors] = True
+            offset.append(offset[-1] + len(trees[prompts[k - 1]].tokens) if k else 0)
+        real = torch.arange(width)[None, :] < torch.tensor([len(trees[q].tokens) for q in prompts])[:, None]
+        rows = torch.tensor(prompts, device=device)
+        prompt_sees = pre.mask[rows].bool()[:, None, :].expand(-1, width, -1)
+        allowed = torch.cat([prompt_sees, sees.to(device)], dim=2)[:, None]  # [R, 1, W, P + W]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)
+        positions = pre.lengths[rows][:, None] + depth.to(device)
+        states, _ = runner.states(ids.to(device), mask, positions, select_rows(pre.cache, rows))
+        # the output layer at the real nodes only, each once however many answers read it
+        reads = [(r, offset[k] + node, token) for k, q in enumerate(prompts) for r, node, token in trees[q].reads]
+        lp, am, mean, std = _numpy(position_stats(runner, states[real.to(device)],
+                                                  torch.tensor([node for _, node, _ in reads], device=device),
+                                                  torch.tensor([token for _, _, token in reads], device=device),
+                                                  distribution))
+        by_row: dict[int, list[int]] = {}
+        for i, (r, _, _) in enumerate(reads):
+            by_row.setdefault(r, []).append(i)
+        for r, picks in by_row.items():  # an answer's reads are in its token order
+            nodes = [reads[i][1] for i in picks]
+            rest[r] = (lp[picks], am[nodes], None if mean is None else mean[nodes], None if std is None else std[nodes])
+    return rest
 
 
 def _score_documents(runner: Runner, encoded: list[Encoded], pad_id: int, distribution: bool = True
