@@ -93,15 +93,27 @@ def assert_same_scores(got, want: dict[str, np.ndarray], what) -> None:
     np.testing.assert_array_equal(got.argmax_match, want["argmax_match"], err_msg=str(what))
 
 
-@pytest.mark.parametrize("trees", [True, False], ids=["answer-trees", "one-row-per-answer"])
+@pytest.mark.parametrize("tree_nodes", [1024, 6, 0], ids=["answer-trees", "small-trees", "one-row-per-answer"])
 @pytest.mark.parametrize("batch_size", [1, 2, 32])
-def test_scores_equal_one_plain_forward_per_pair(tiny, batch_size, trees, monkeypatch):
-    """With answer trees (SDPA, eager attention) and without (the path for flash attention)."""
+def test_scores_equal_one_plain_forward_per_pair(tiny, batch_size, tree_nodes, monkeypatch):
+    """With answer trees (SDPA, eager attention), trees split when they grow past a size (so a
+    prompt's answers fill several), and one row per answer (the path for flash attention)."""
     model, fmt = tiny
-    monkeypatch.setattr(logprobs, "tree_attention", lambda runner: trees)
+    monkeypatch.setattr(logprobs, "tree_attention", lambda runner: tree_nodes > 0)
+    monkeypatch.setattr(logprobs, "TREE_NODES", tree_nodes)
     got = score_pairs(model, fmt, PAIRS, batch_size=batch_size)
     assert len(got) == len(PAIRS)
     for pair, scores in zip(PAIRS, got):
+        assert_same_scores(scores, plain_scores(model, fmt, *pair), pair)
+
+
+def test_answer_trees_under_eager_attention_give_the_same_numbers(tiny):
+    """Eager attention adds the 4D mask to its scores as SDPA does (the trees' mask is additive)."""
+    model, fmt = tiny
+    eager = load_model(model.name_or_path, attn_implementation="eager").eval()
+    assert eager.config._attn_implementation == "eager" and logprobs.tree_attention(Runner(eager))
+    pairs = [p for p in PAIRS if p[0]]
+    for pair, scores in zip(pairs, score_pairs(eager, fmt, pairs, batch_size=4)):
         assert_same_scores(scores, plain_scores(model, fmt, *pair), pair)
 
 

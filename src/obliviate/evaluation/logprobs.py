@@ -204,24 +204,32 @@ def _joined(targets: list[list[int]], owner: list[int], first_lp: np.ndarray, fi
     return out
 
 
+# A tree's attention is its nodes x (prompt + nodes): answers beyond this many nodes start another
+# tree for the same prompt (long candidate lists), so no pass holds a quadratic-size mask.
+TREE_NODES = 1024
+
+
 @dataclass
 class _AnswerTree:
-    """The answers to one prompt as a token tree: the answers' inputs (each answer's scored tokens but
-    the last) merged where they start alike, so a shared start runs once. Node ``n`` holds one token
-    at depth ``depth[n]`` after the prompt, its ancestors are ``path[n]`` (itself included), and
-    ``reads`` lists (answer row, node, wanted token) for every scored token after an answer's first."""
+    """Answers to one prompt (prefill row ``prompt``) as a token tree: the answers' inputs (each
+    answer's scored tokens but the last) merged where they start alike, so a shared start runs once.
+    Node ``n`` holds one token at depth ``depth[n]`` after the prompt, its ancestors are ``path[n]``
+    (itself included), and ``reads`` lists (answer row, node, wanted token) for every scored token
+    after an answer's first, in the answer's order."""
 
+    prompt: int
     tokens: list[int] = field(default_factory=list)
     depth: list[int] = field(default_factory=list)
     path: list[list[int]] = field(default_factory=list)
     reads: list[tuple[int, int, int]] = field(default_factory=list)
+    index: dict[tuple[int, int], int] = field(default_factory=dict)  # (parent, token) -> node
 
-    def add(self, row: int, targets: list[int], index: dict[tuple[int, int], int]) -> None:
+    def add(self, row: int, targets: list[int]) -> None:
         parent = -1
         for d, token in enumerate(targets[:-1]):
-            node = index.get((parent, token))
+            node = self.index.get((parent, token))
             if node is None:
-                node = index[(parent, token)] = len(self.tokens)
+                node = self.index[(parent, token)] = len(self.tokens)
                 self.tokens.append(token)
                 self.depth.append(d)
                 self.path.append((self.path[parent] if parent >= 0 else []) + [node])
@@ -235,53 +243,62 @@ def tree_attention(runner: Runner) -> bool:
     return getattr(getattr(runner.model, "config", None), "_attn_implementation", None) in ("sdpa", "eager")
 
 
+def _answer_trees(owner: list[int], targets: list[list[int]]) -> list[_AnswerTree]:
+    """The answers with a token after their first, as trees per prompt of at most about
+    :data:`TREE_NODES` nodes."""
+    open_tree: dict[int, _AnswerTree] = {}
+    trees = []
+    for r, t in enumerate(targets):
+        if len(t) < 2:
+            continue
+        tree = open_tree.get(owner[r])
+        if tree is None or (tree.tokens and len(tree.tokens) + len(t) - 1 > TREE_NODES):
+            tree = open_tree[owner[r]] = _AnswerTree(owner[r])
+            trees.append(tree)
+        tree.add(r, t)
+    return trees
+
+
 def _score_trees(runner: Runner, pre: Prefill, owner: list[int], targets: list[list[int]], pad_id: int,
                  nodes_per_pass: int, distribution: bool) -> list[tuple[np.ndarray | None, ...]]:
     """The scores of every answer's tokens after its first (as :func:`_score_from_prefill` returns
-    them), each prompt's answers run as one :class:`_AnswerTree` after its prompt's cache: a node
-    attends to the prompt and to its own ancestors only, at the position its depth gives, so it sees
-    exactly what it sees in its answer alone, and an answer start that several answers share (a
-    paraphrase and its perturbations often differ in a few words only) runs once. Prompts go
-    ``nodes_per_pass`` nodes at a time (padded), the largest trees first."""
+    them), a prompt's answers run as :class:`_AnswerTree` after its prompt's cache: a node attends to
+    the prompt and to its own ancestors only, at the position its depth gives, so it sees exactly
+    what it sees in its answer alone, and an answer start that several answers share (a paraphrase
+    and its perturbations often differ in a few words only) runs once. Trees go ``nodes_per_pass``
+    nodes at a time (padded), the largest first."""
     device = runner.device
-    trees: dict[int, _AnswerTree] = {}
-    index: dict[int, dict[tuple[int, int], int]] = {}
-    for r, t in enumerate(targets):
-        if len(t) > 1:
-            trees.setdefault(owner[r], _AnswerTree()).add(r, t, index.setdefault(owner[r], {}))
     empty = np.zeros(0, np.float32)
     rest: list[tuple[np.ndarray | None, ...]] = [(empty, empty) + ((empty, empty) if distribution else (None, None))
                                                  ] * len(targets)
     dtype = next(runner.model.parameters()).dtype
-    blocked = torch.finfo(dtype).min
-    order = sorted(trees, key=lambda q: -len(trees[q].tokens))
+    trees = sorted(_answer_trees(owner, targets), key=lambda tree: -len(tree.tokens))
     start = 0
-    while start < len(order):
-        width = len(trees[order[start]].tokens)
-        count = max(1, nodes_per_pass // width)
-        prompts = order[start:start + count]
-        start += count
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        depth = torch.zeros((len(prompts), width), dtype=torch.long)
-        sees = torch.eye(width, dtype=torch.bool).repeat(len(prompts), 1, 1)  # padding nodes see themselves
-        offset = []  # where each prompt's nodes start among the real nodes of the pass
-        for k, q in enumerate(prompts):
-            tree = trees[q]
+    while start < len(trees):
+        width = len(trees[start].tokens)
+        chosen = trees[start:start + max(1, nodes_per_pass // width)]
+        start += len(chosen)
+        ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+        depth = torch.zeros((len(chosen), width), dtype=torch.long)
+        sees = torch.eye(width, dtype=torch.bool).repeat(len(chosen), 1, 1)  # padding nodes see themselves
+        reads = []  # (answer row, node among the pass's real nodes, wanted token)
+        first = 0
+        for k, tree in enumerate(chosen):
             n = len(tree.tokens)
             ids[k, :n] = torch.tensor(tree.tokens)
             depth[k, :n] = torch.tensor(tree.depth)
             for node, ancestors in enumerate(tree.path):
                 sees[k, node, ancestors] = True
-            offset.append(offset[-1] + len(trees[prompts[k - 1]].tokens) if k else 0)
-        real = torch.arange(width)[None, :] < torch.tensor([len(trees[q].tokens) for q in prompts])[:, None]
-        rows = torch.tensor(prompts, device=device)
-        prompt_sees = pre.mask[rows].bool()[:, None, :].expand(-1, width, -1)
-        allowed = torch.cat([prompt_sees, sees.to(device)], dim=2)[:, None]  # [R, 1, W, P + W]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)
+            reads += [(r, first + node, token) for r, node, token in tree.reads]
+            first += n
+        real = torch.arange(width)[None, :] < torch.tensor([len(tree.tokens) for tree in chosen])[:, None]
+        rows = torch.tensor([tree.prompt for tree in chosen], device=device)
+        allowed = torch.cat([pre.mask[rows].bool()[:, None, :].expand(-1, width, -1), sees.to(device)], dim=2)
+        mask = torch.zeros((len(chosen), 1) + tuple(allowed.shape[1:]), dtype=dtype, device=device)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)  # [R, 1, W, P + W], additive
         positions = pre.lengths[rows][:, None] + depth.to(device)
         states, _ = runner.states(ids.to(device), mask, positions, select_rows(pre.cache, rows))
         # the output layer at the real nodes only, each once however many answers read it
-        reads = [(r, offset[k] + node, token) for k, q in enumerate(prompts) for r, node, token in trees[q].reads]
         lp, am, mean, std = _numpy(position_stats(runner, states[real.to(device)],
                                                   torch.tensor([node for _, node, _ in reads], device=device),
                                                   torch.tensor([token for _, _, token in reads], device=device),
@@ -289,7 +306,7 @@ def _score_trees(runner: Runner, pre: Prefill, owner: list[int], targets: list[l
         by_row: dict[int, list[int]] = {}
         for i, (r, _, _) in enumerate(reads):
             by_row.setdefault(r, []).append(i)
-        for r, picks in by_row.items():  # an answer's reads are in its token order
+        for r, picks in by_row.items():
             nodes = [reads[i][1] for i in picks]
             rest[r] = (lp[picks], am[nodes], None if mean is None else mean[nodes], None if std is None else std[nodes])
     return rest
