@@ -206,6 +206,25 @@ def test_each_prompt_is_prefilled_once(tiny, monkeypatch):
     assert all(len(b.prompts) <= 2 for b in batches)
 
 
+def test_the_prompts_shared_start_runs_once(tiny):
+    """The system turn every prompt starts with runs at batch 1, each prompt's own tokens after it."""
+    model, fmt = tiny
+    assert forward.common_start([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert forward.common_start([[1, 2, 3], [1, 2, 3]]) == 2  # each prompt keeps a token of its own
+    assert forward.common_start([[1, 2, 3]]) == 0 and forward.common_start([[1, 2], [3, 2]]) == 0
+    prompts = [fmt.prompt_ids(q) for q in QUESTIONS[:4]]
+    shared = forward.common_start(prompts)
+    assert shared > 0 and all(p[:shared] == prompts[0][:shared] for p in prompts)
+    embedded: list[tuple[int, ...]] = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda mod, args, out: embedded.append(tuple(args[0].shape)))
+    try:
+        forward.prefill(Runner(model), prompts, fmt.tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    assert embedded == [(1, shared), (len(prompts), max(map(len, prompts)) - shared)]
+
+
 def test_output_layer_runs_only_at_scored_positions(tiny, monkeypatch):
     """The LM head sees each scored position once (the prompt's last position once per prompt),
     at most a chunk of rows at a time, and never the prompt's other positions."""
@@ -246,8 +265,9 @@ def test_finished_rows_leave_the_batch(tiny, monkeypatch):
     budgets = [1, 2, 5, 9]
     out = greedy_batch(model, prompts, [], fmt.tokenizer.pad_token_id, budgets, runner=runner)
     assert [len(o) for o in out] == budgets  # no stop tokens: each row runs to its own budget
-    # the prefill, then one step per token after the first, with only the unfinished rows
-    assert widths == [4] + [3] + [2] * 3 + [1] * 4
+    # the prompts' shared start (batch 1), the rest of the prefill, then one step per token after
+    # the first, with only the unfinished rows
+    assert widths == [1, 4] + [3] + [2] * 3 + [1] * 4
     assert out == [plain_greedy_tokens(model, p, set(), b) for p, b in zip(prompts, budgets)]
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_batch(model, prompts, [], 0, [1, 0, 1, 1])
