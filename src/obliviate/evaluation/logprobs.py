@@ -149,9 +149,10 @@ def _score_from_prefill(runner: Runner, pre: Prefill, owner: list[int], encoded:
     ``encoded[r]``'s prompt.
 
     The prompt's last position predicts each answer's first scored token: its distribution is
-    computed once per prompt. Each answer's remaining scored positions come from one pass over its
-    tokens (all but the last scored one, which predicts nothing that is read) after its prompt's
-    cache, ``rows_per_pass`` answers at a time, longest first. ``distribution``: also the mean and
+    computed once per prompt. The answers' remaining scored positions come from their tokens (all but
+    the last scored one, which predicts nothing that is read) after their prompt's cache: as token
+    trees, one per prompt (:func:`_score_trees`), where the attention takes a 4D mask; else one row per
+    answer, ``rows_per_pass`` answers at a time, longest first. ``distribution``: also the mean and
     standard deviation of each position's log-probs (:func:`forward.position_stats`)."""
     device = runner.device
     targets = [_scored(e) for e in encoded]
