@@ -108,13 +108,27 @@ def test_scores_equal_one_plain_forward_per_pair(tiny, batch_size, tree_nodes, m
 
 
 def test_answer_trees_under_eager_attention_give_the_same_numbers(tiny):
-    """Eager attention adds the 4D mask to its scores as SDPA does (the trees' mask is additive)."""
+    """Eager attention adds the 4D mask to its scores (an additive mask there, a boolean one for SDPA)."""
     model, fmt = tiny
     eager = load_model(model.name_or_path, attn_implementation="eager").eval()
     assert eager.config._attn_implementation == "eager" and logprobs.tree_attention(Runner(eager))
     pairs = [p for p in PAIRS if p[0]]
     for pair, scores in zip(pairs, score_pairs(eager, fmt, pairs, batch_size=4)):
         assert_same_scores(scores, plain_scores(model, fmt, *pair), pair)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_answer_trees_run_under_bf16_autocast(tiny, attention):
+    """Under autocast the queries are bf16 while the weights stay float32: the trees' mask must suit
+    both attentions (bf16 moves log-probs by about 1e-3, not more)."""
+    model, fmt = tiny
+    model = load_model(model.name_or_path, attn_implementation=attention).eval()
+    pairs = [p for p in PAIRS if p[0]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = score_pairs(model, fmt, pairs, batch_size=4)
+    for pair, scores in zip(pairs, mixed):
+        np.testing.assert_allclose(scores.logprobs, plain_scores(model, fmt, *pair)["logprobs"], atol=0.05,
+                                   err_msg=str(pair))
 
 
 @pytest.mark.parametrize("head_rows, stats_rows", [(1, 1), (5, 2), (7, 3), (6, 8), (341, 8)])

@@ -239,8 +239,9 @@ class _AnswerTree:
 
 
 def tree_attention(runner: Runner) -> bool:
-    """Whether the model takes a 4D additive attention mask as it is (transformers' eager and SDPA
-    attention do; flash attention does not), which :func:`_score_trees` needs."""
+    """Whether the model takes a 4D attention mask as it is (transformers' SDPA attention takes a
+    boolean one, eager attention an additive one; flash attention none), which :func:`_score_trees`
+    needs."""
     return getattr(getattr(runner.model, "config", None), "_attn_implementation", None) in ("sdpa", "eager")
 
 
@@ -273,6 +274,7 @@ def _score_trees(runner: Runner, pre: Prefill, owner: list[int], targets: list[l
     rest: list[tuple[np.ndarray | None, ...]] = [(empty, empty) + ((empty, empty) if distribution else (None, None))
                                                  ] * len(targets)
     dtype = next(runner.model.parameters()).dtype
+    eager = runner.model.config._attn_implementation == "eager"
     trees = sorted(_answer_trees(owner, targets), key=lambda tree: -len(tree.tokens))
     start = 0
     while start < len(trees):
@@ -295,8 +297,9 @@ def _score_trees(runner: Runner, pre: Prefill, owner: list[int], targets: list[l
         real = torch.arange(width)[None, :] < torch.tensor([len(tree.tokens) for tree in chosen])[:, None]
         rows = torch.tensor([tree.prompt for tree in chosen], device=device)
         allowed = torch.cat([pre.mask[rows].bool()[:, None, :].expand(-1, width, -1), sees.to(device)], dim=2)
-        mask = torch.zeros((len(chosen), 1) + tuple(allowed.shape[1:]), dtype=dtype, device=device)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)  # [R, 1, W, P + W], additive
+        mask = allowed[:, None]  # [R, 1, W, P + W]: SDPA takes it as it is (any query dtype, autocast too)
+        if eager:  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
         positions = pre.lengths[rows][:, None] + depth.to(device)
         states, _ = runner.states(ids.to(device), mask, positions, select_rows(pre.cache, rows))
         # the output layer at the real nodes only, each once however many answers read it
