@@ -159,13 +159,28 @@ def _score_from_prefill(runner: Runner, pre: Prefill, owner: list[int], encoded:
     first_lp, first_argmax, first_mean, first_std = _numpy(position_stats(
         runner, pre.last, torch.tensor(owner, device=device), torch.tensor([t[0] for t in targets], device=device),
         distribution))
-    if tree_attention(runner):
-        rest = _score_trees(runner, pre, owner, targets, pad_id, rows_per_pass * max(len(t) for t in targets),
-                            distribution)
-        return _joined(targets, owner, first_lp, first_argmax, first_mean, first_std, rest)
     empty = np.zeros(0, np.float32)
-    rest = [(empty, empty) + ((empty, empty) if distribution else (None, None))] * len(encoded)
-    ordered = sorted((r for r in range(len(encoded)) if len(targets[r]) > 1), key=lambda r: -len(targets[r]))
+    # each answer's scores after its first token; one-token answers keep these empty arrays
+    rest: list[tuple[np.ndarray | None, ...]] = [(empty, empty) + ((empty, empty) if distribution else (None, None))
+                                                 ] * len(encoded)
+    score = _score_trees if tree_attention(runner) else _score_rows
+    score(runner, pre, owner, targets, pad_id, rows_per_pass, distribution, rest)
+    out = []
+    for r, t in enumerate(targets):
+        q = owner[r]
+        lp, am, mean, std = rest[r]
+        out.append(_token_scores(t, np.concatenate([[first_lp[r]], lp]).astype(np.float32),
+                                 np.concatenate([[first_argmax[q]], am]).astype(np.int64),
+                                 _first_then(first_mean, q, mean), _first_then(first_std, q, std)))
+    return out
+
+
+def _score_rows(runner: Runner, pre: Prefill, owner: list[int], targets: list[list[int]], pad_id: int,
+                rows_per_pass: int, distribution: bool, rest: list[tuple[np.ndarray | None, ...]]) -> None:
+    """Fills ``rest`` as :func:`_score_trees` does, one row per answer after its prompt's cache,
+    ``rows_per_pass`` answers at a time, longest first (for attention that takes no 4D mask)."""
+    device = runner.device
+    ordered = sorted((r for r in range(len(targets)) if len(targets[r]) > 1), key=lambda r: -len(targets[r]))
     for c in range(0, len(ordered), rows_per_pass):
         rows = ordered[c:c + rows_per_pass]
         width = len(targets[rows[0]]) - 1
@@ -188,21 +203,6 @@ def _score_from_prefill(runner: Runner, pre: Prefill, owner: list[int], encoded:
             n = len(targets[r]) - 1
             rest[r] = tuple(_part(x, start, n) for x in found)
             start += n
-    return _joined(targets, owner, first_lp, first_argmax, first_mean, first_std, rest)
-
-
-def _joined(targets: list[list[int]], owner: list[int], first_lp: np.ndarray, first_argmax: np.ndarray,
-            first_mean: np.ndarray | None, first_std: np.ndarray | None,
-            rest: list[tuple[np.ndarray | None, ...]]) -> list[TokenScores]:
-    """Each answer's scores: its first token's (read at its prompt's last position) then the rest."""
-    out = []
-    for r, t in enumerate(targets):
-        q = owner[r]
-        lp, am, mean, std = rest[r]
-        out.append(_token_scores(t, np.concatenate([[first_lp[r]], lp]).astype(np.float32),
-                                 np.concatenate([[first_argmax[q]], am]).astype(np.int64),
-                                 _first_then(first_mean, q, mean), _first_then(first_std, q, std)))
-    return out
 
 
 # A tree's attention is its nodes x (prompt + nodes): answers beyond this many nodes start another
@@ -262,17 +262,16 @@ def _answer_trees(owner: list[int], targets: list[list[int]]) -> list[_AnswerTre
 
 
 def _score_trees(runner: Runner, pre: Prefill, owner: list[int], targets: list[list[int]], pad_id: int,
-                 nodes_per_pass: int, distribution: bool) -> list[tuple[np.ndarray | None, ...]]:
-    """The scores of every answer's tokens after its first (as :func:`_score_from_prefill` returns
-    them), a prompt's answers run as :class:`_AnswerTree` after its prompt's cache: a node attends to
+                 rows_per_pass: int, distribution: bool, rest: list[tuple[np.ndarray | None, ...]]) -> None:
+    """Fills ``rest[r]`` with the scores of answer ``r``'s tokens after its first (as
+    :func:`_score_from_prefill` keeps them), a prompt's answers run as :class:`_AnswerTree` after its
+    prompt's cache: a node attends to
     the prompt and to its own ancestors only, at the position its depth gives, so it sees exactly
     what it sees in its answer alone, and an answer start that several answers share (a paraphrase
-    and its perturbations often differ in a few words only) runs once. Trees go ``nodes_per_pass``
-    nodes at a time (padded), the largest first."""
+    and its perturbations often differ in a few words only) runs once. Trees go as many nodes at a
+    time (padded) as ``rows_per_pass`` of the longest answers hold, the largest first."""
     device = runner.device
-    empty = np.zeros(0, np.float32)
-    rest: list[tuple[np.ndarray | None, ...]] = [(empty, empty) + ((empty, empty) if distribution else (None, None))
-                                                 ] * len(targets)
+    nodes_per_pass = rows_per_pass * max(len(t) for t in targets)
     dtype = next(runner.model.parameters()).dtype
     eager = runner.model.config._attn_implementation == "eager"
     trees = sorted(_answer_trees(owner, targets), key=lambda tree: -len(tree.tokens))
@@ -313,7 +312,6 @@ def _score_trees(runner: Runner, pre: Prefill, owner: list[int], targets: list[l
         for r, picks in by_row.items():
             nodes = [reads[i][1] for i in picks]
             rest[r] = (lp[picks], am[nodes], None if mean is None else mean[nodes], None if std is None else std[nodes])
-    return rest
 
 
 def _score_documents(runner: Runner, encoded: list[Encoded], pad_id: int, distribution: bool = True
