@@ -40,6 +40,7 @@ from obliviate.evaluation.generation import (
     pad_token_id,
     stop_token_ids,
 )
+from obliviate.models.attention import mask_4d, takes_4d_mask
 
 
 @dataclass
@@ -239,10 +240,8 @@ class _AnswerTree:
 
 
 def tree_attention(runner: Runner) -> bool:
-    """Whether the model takes a 4D attention mask as it is (transformers' SDPA attention takes a
-    boolean one, eager attention an additive one; flash attention none), which :func:`_score_trees`
-    needs."""
-    return getattr(getattr(runner.model, "config", None), "_attn_implementation", None) in ("sdpa", "eager")
+    """Whether the model takes the 4D attention mask :func:`_score_trees` needs."""
+    return takes_4d_mask(runner.model)
 
 
 def _answer_trees(owner: list[int], targets: list[list[int]]) -> list[_AnswerTree]:
@@ -272,8 +271,6 @@ def _score_trees(runner: Runner, pre: Prefill, owner: list[int], targets: list[l
     time (padded) as ``rows_per_pass`` of the longest answers hold, the largest first."""
     device = runner.device
     nodes_per_pass = rows_per_pass * max(len(t) for t in targets)
-    dtype = next(runner.model.parameters()).dtype
-    eager = runner.model.config._attn_implementation == "eager"
     trees = sorted(_answer_trees(owner, targets), key=lambda tree: -len(tree.tokens))
     start = 0
     while start < len(trees):
@@ -296,9 +293,7 @@ def _score_trees(runner: Runner, pre: Prefill, owner: list[int], targets: list[l
         real = torch.arange(width)[None, :] < torch.tensor([len(tree.tokens) for tree in chosen])[:, None]
         rows = torch.tensor([tree.prompt for tree in chosen], device=device)
         allowed = torch.cat([pre.mask[rows].bool()[:, None, :].expand(-1, width, -1), sees.to(device)], dim=2)
-        mask = allowed[:, None]  # [R, 1, W, P + W]: SDPA takes it as it is (any query dtype, autocast too)
-        if eager:  # eager attention adds its mask to the scores
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+        mask = mask_4d(runner.model, allowed)  # [R, 1, W, P + W]
         positions = pre.lengths[rows][:, None] + depth.to(device)
         states, _ = runner.states(ids.to(device), mask, positions, select_rows(pre.cache, rows))
         # the output layer at the real nodes only, each once however many answers read it
