@@ -10,6 +10,8 @@ Where a label token sits is computed once per batch on the host (:func:`index_la
 training loop calls before a batch moves to the device), so no step waits for the device to find
 them. Per-token log-probs take the log-softmax over the vocabulary in chunks of rows
 (:func:`target_logps`): no [tokens x vocab] float32 copy is kept for backward, the same numbers.
+Rows run packed behind the prompt start they share where that runs fewer positions
+(:func:`pack_rows`, planned on the host with the label index): the shared start once, no padding.
 """
 
 from __future__ import annotations
