@@ -133,8 +133,11 @@ def pack_rows(view: dict, max_tokens: int = PACK_TOKENS) -> dict[str, torch.Tens
 def index_labels(batch: dict) -> dict:
     """``batch`` with :func:`label_index` and :func:`pack_rows` added to each of its views, computed
     where the batch is (the loop calls it on the host before the batch moves to the device)."""
-    return {k: {**v, **label_index(v), **pack_rows(v)} if isinstance(v, dict) and "labels" in v else v
-            for k, v in batch.items()}
+    def indexed(view: dict) -> dict:
+        view = {**view, **label_index(view)}
+        return {**view, **pack_rows(view)}  # pack_rows reads the index just made
+
+    return {k: indexed(v) if isinstance(v, dict) and "labels" in v else v for k, v in batch.items()}
 
 
 @functools.cache
