@@ -106,3 +106,24 @@ def test_the_host_decides_and_a_cpu_view_without_an_index_packs_itself(tiny_mode
     hook.remove()
     packed = tuple(pack_rows(view)["pack_ids"].shape)
     assert widths == [packed, packed, tuple(view["input_ids"].shape)]
+
+
+def test_only_models_whose_every_layer_is_full_attention_take_a_4d_mask(tiny_model_dir):
+    from obliviate.models.attention import takes_4d_mask
+
+    model = load_model(str(tiny_model_dir))
+    assert takes_4d_mask(model)
+    model.config.sliding_window = 64  # a 4D mask given as it is would let a layer see past its window
+    assert not takes_4d_mask(model)
+    model.config.sliding_window = None
+    model.config.layer_types = ["full_attention", "linear_attention"]  # a recurrent layer reads no mask
+    assert not takes_4d_mask(model)
+    model.config.layer_types = ["full_attention", "full_attention"]
+    model.config._attn_implementation = "flash_attention_2"
+    assert not takes_4d_mask(model)
+
+    class NoSdpa(type(model)):  # Mamba-like: reports eager attention, supports no SDPA
+        _supports_sdpa = False
+
+    model.config._attn_implementation = "eager"
+    assert takes_4d_mask(model) and not takes_4d_mask(NoSdpa(model.config))

@@ -16,8 +16,15 @@ def _attention(model: nn.Module) -> str | None:
 
 def takes_4d_mask(model: nn.Module) -> bool:
     """Whether ``model`` (unwrapped) takes a 4D attention mask as it is: transformers' SDPA attention
-    takes a boolean one, eager attention an additive one; flash attention takes none."""
-    return _attention(model) in ("sdpa", "eager")
+    takes a boolean one, eager attention an additive one; flash attention takes none. Only models
+    whose every layer is full attention: a mask given as it is replaces the model's own, so a
+    sliding-window layer would see past its window, and a recurrent layer (Mamba, linear attention)
+    reads none and would carry one row's state into the next; a model without SDPA support (Mamba
+    itself reports eager attention) is not taken either."""
+    config = getattr(model, "config", None)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return (_attention(model) in ("sdpa", "eager") and bool(getattr(type(model), "_supports_sdpa", False))
+            and kinds == {"full_attention"} and getattr(config, "sliding_window", None) is None)
 
 
 def mask_4d(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
