@@ -88,8 +88,8 @@ def pack_rows(view: dict, max_tokens: int = PACK_TOKENS) -> dict[str, torch.Tens
     ids, mask = view["input_ids"], view["attention_mask"]
     rows, width = ids.shape
     lengths = mask.sum(1)
-    if not torch.equal(mask.bool(), torch.arange(width)[None, :] < lengths[:, None]):
-        return {}  # not right-padded
+    if not torch.equal(mask.bool(), torch.arange(width)[None, :] < lengths[:, None]) or int(lengths.min()) < 1:
+        return {}  # not right-padded, or an empty row
     shared = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
     shared = min(shared, int(lengths.min()) - 1)  # every row keeps a token of its own
     own = (lengths - shared).tolist()
