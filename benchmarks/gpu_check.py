@@ -183,7 +183,8 @@ def eval_stage(spec: str, args, data, device: torch.device, params: int, peak: f
         model = load_for_stage(spec, args, device)
         with autocast(device, args.mixed_precision):
             result = evaluate(spec, data.eval_sets, None, label="unlearned", batch_size=args.eval_batch_size,
-                              max_new_tokens=args.max_new_tokens, progress=False, model_obj=model, tokenizer=tok)
+                              max_new_tokens=args.max_new_tokens, progress=False, model_obj=model, tokenizer=tok,
+                              engine=args.engine)
         sync(device)
     tokens = eval_tokens(ChatFormat(tok), data.eval_sets, result)
     wall = record["wall_seconds"]
@@ -191,7 +192,7 @@ def eval_stage(spec: str, args, data, device: torch.device, params: int, peak: f
                   max_new_tokens=args.max_new_tokens, tokens=tokens, tokens_per_second=round(tokens / wall, 2),
                   evaluate_seconds=result.get("seconds"),
                   mfu=round(2 * params * tokens / wall / peak, 5) if peak else None,
-                  attn_implementation=attn_of(model), metrics=summary_row(result))
+                  attn_implementation=attn_of(model), engine=args.engine, metrics=summary_row(result))
     return record
 
 
@@ -386,6 +387,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "refused when the installed transformers cannot provide it; flash_attention_2 wants "
                    "--dtype bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (stages and MFU probe)")
+    p.add_argument("--engine", default="obliviate", choices=["obliviate", "vllm"],
+                   help="who makes the evaluation's greedy answers: obliviate, or vllm (pip install vllm)")
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
     p.add_argument("--peak-flops", type=float, default=None, help="the device's dense bf16 peak FLOP/s for MFU "
                    "(default: from the device name, H100/H200)")

@@ -32,6 +32,7 @@ from obliviate.data.qa import QADataset
 from obliviate.data.sources import DataSpec, as_dataset
 from obliviate.errors import UserError
 from obliviate.evaluation import lm_eval_bridge
+from obliviate.evaluation.engines import VLLMGreedy, check_engine
 from obliviate.evaluation.evaluate import (
     check_length_budget,
     eval_sets_from_benchmark,
@@ -45,7 +46,7 @@ from obliviate.evaluation.scores import ModelScores, Pair, StepScores
 from obliviate.evaluation.stopping import HOLDOUT_NEEDED, CalibratedCheck, CalibrationOptions
 from obliviate.methods import Procedure, build_method
 from obliviate.models.fingerprint import model_sha256
-from obliviate.models.loading import check_model_spec, load_model, load_tokenizer, save_checkpoint
+from obliviate.models.loading import check_model_spec, load_model, load_tokenizer, resolve_model_path, save_checkpoint
 from obliviate.processes import processes
 from obliviate.reporting.model_card import model_card_info, write_model_card
 from obliviate.runs import RunDir, RunError, safe_name
@@ -180,7 +181,7 @@ def evaluate(model: str | Path, benchmark: str | Path | dict[str, QADataset], ou
              trust_remote_code: bool = False, model_obj=None, tokenizer=None, scored_tokens: str = "labels",
              mc: Sequence[str | MCSet] = (), mc_list_choices: bool = False, lm_eval: Sequence[str] = (),
              lm_eval_limit: int | None = None, lm_eval_include: str | Path | None = None,
-             length_budget: float | None = None) -> dict:
+             length_budget: float | None = None, engine: str = "obliviate") -> dict:
     """TOFU evaluation of ``model`` on a benchmark (directory, TOFU directory or hub id) or on given
     sets. With ``out``, writes ``out/eval/<label>.json`` (and records it in the run registry).
     ``oracle_eval`` (the oracle's eval result or its path) gives forget quality. Returns the
@@ -193,14 +194,16 @@ def evaluate(model: str | Path, benchmark: str | Path | dict[str, QADataset], ou
     (``evaluation.lm_eval_bridge``; at most ``lm_eval_limit`` documents each, local task YAML files
     under ``lm_eval_include``), summarised in ``lm_eval`` of the result, in full in
     ``out/lm_eval/<label>.json``. ``length_budget`` (a factor, default off) bounds each set's
-    generations to that many times its longest reference answer (``evaluate.set_token_budgets``)."""
+    generations to that many times its longest reference answer (``evaluate.set_token_budgets``).
+    ``engine``: "obliviate" decodes the greedy answers itself, "vllm" has vLLM make them (a GPU and
+    ``pip install vllm``; ``evaluation.engines``)."""
     return evaluate_scored(model, benchmark, out, label=label, forget_split=forget_split, oracle_eval=oracle_eval,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype,
                            system_prompt=system_prompt, max_length=max_length, progress=progress,
                            trust_remote_code=trust_remote_code, model_obj=model_obj, tokenizer=tokenizer,
                            scored_tokens=scored_tokens, mc=mc, mc_list_choices=mc_list_choices, lm_eval=lm_eval,
                            lm_eval_limit=lm_eval_limit, lm_eval_include=lm_eval_include,
-                           length_budget=length_budget).result
+                           length_budget=length_budget, engine=engine).result
 
 
 def evaluate_scored(model: str | Path, benchmark: str | Path | dict[str, QADataset], out: str | Path | None = None,
@@ -211,12 +214,15 @@ def evaluate_scored(model: str | Path, benchmark: str | Path | dict[str, QADatas
                     extra_pairs: Sequence[Pair] = (), scored_tokens: str = "labels", mc: Sequence[str | MCSet] = (),
                     mc_list_choices: bool = False, lm_eval: Sequence[str] = (), lm_eval_limit: int | None = None,
                     lm_eval_include: str | Path | None = None,
-                    length_budget: float | None = None) -> ScoredEvaluation:
+                    length_budget: float | None = None, engine: str = "obliviate") -> ScoredEvaluation:
     """:func:`evaluate`, also returning the model's per-token scores (``evaluation.scores``), so that
     privacy, exposure and attacks read them instead of running the model again; ``extra_pairs``
     (e.g. ``evaluation.privacy.privacy_pairs``) are scored too."""
     label = safe_name(label, "--label")
     check_length_budget(length_budget)
+    check_engine(engine)
+    if engine == "vllm" and processes().num_processes > 1:
+        raise UserError("--engine vllm runs in one process: run obliviate evaluate without accelerate launch")
     if model_obj is None:
         check_model_spec(str(model))
     if out is not None and Path(out).exists() and not Path(out).is_dir():
@@ -233,11 +239,13 @@ def evaluate_scored(model: str | Path, benchmark: str | Path | dict[str, QADatas
     fmt = ChatFormat(tokenizer, system_prompt=system_prompt, max_length=max_length, scored_tokens=scored_tokens)
     start = time.time()
     state = processes()  # under accelerate launch: batches split across processes, merged in order
+    generate = VLLMGreedy(resolve_model_path(str(model)), dtype=dtype, trust_remote_code=trust_remote_code) \
+        if engine == "vllm" else None
     evaluation = evaluate_with_scores(model_obj, tokenizer, sets, fmt=fmt, batch_size=batch_size,
                                       max_new_tokens=max_new_tokens, oracle=oracle,
                                       progress=progress and state.is_main_process, label=label,
                                       distributed=state.num_processes > 1, extra_pairs=extra_pairs,
-                                      length_budget=length_budget)
+                                      length_budget=length_budget, generate=generate)
     evaluation.result.multiple_choice = evaluate_mc_sets(model_obj, fmt, mc_sets, batch_size,
                                                          list_choices=mc_list_choices,
                                                          distributed=state.num_processes > 1)

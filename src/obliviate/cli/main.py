@@ -54,6 +54,7 @@ from obliviate.data.hazard import HazardConfig, generate_hazard, write_hazard
 from obliviate.data.muse import MuseSyntheticConfig, write_synthetic_muse
 from obliviate.data.synthetic import SyntheticConfig, generate_benchmark, write_benchmark
 from obliviate.errors import UserError
+from obliviate.evaluation.engines import check_engine
 from obliviate.evaluation.evaluate import summary_row
 from obliviate.evaluation.lm_eval_bridge import lm_eval_summary_row
 from obliviate.evaluation.multiple_choice import mc_summary
@@ -221,6 +222,9 @@ def evaluate(
              "muse/<label>.json.")] = None,
     retain_model: Annotated[Optional[str], typer.Option(
         help="With --muse: the model trained without the forget corpus; PrivLeak compares against it.")] = None,
+    engine: Annotated[str, typer.Option(
+        help="Who makes the greedy answers: obliviate (its own decoding) or vllm (vLLM on a GPU, pip install "
+             "vllm; the log-prob metrics are still scored on the model itself).")] = "obliviate",
 ) -> None:
     """TOFU metrics (probability, ROUGE-L, truth ratio, forget quality, model utility), per sample; with
     --mc, multiple-choice accuracy; with --lm-eval, lm-evaluation-harness tasks."""
@@ -229,6 +233,7 @@ def evaluate(
                         "metrics) or both")
     if retain_model is not None and muse is None:
         raise UserError("obliviate evaluate: --retain-model is for MUSE's PrivLeak; give --muse too")
+    check_engine(engine)
     if muse is not None:
         _evaluate_muse(model, muse, out, label, retain_model, batch_size=batch_size, dtype=dtype,
                        max_length=max_length, trust_remote_code=trust_remote_code)
@@ -240,7 +245,7 @@ def evaluate(
                           progress=not no_progress, trust_remote_code=trust_remote_code,
                           scored_tokens=scored_tokens.value, mc=mc or (), mc_list_choices=mc_list_choices,
                           lm_eval=[lm_eval] if lm_eval is not None else (), lm_eval_limit=lm_eval_limit,
-                          lm_eval_include=lm_eval_include, length_budget=length_budget)
+                          lm_eval_include=lm_eval_include, length_budget=length_budget, engine=engine)
     rows = {**summary_row(result), **mc_summary(result.get("multiple_choice") or {}),
             **lm_eval_summary_row(result.get("lm_eval"))}
     for key, value in rows.items():

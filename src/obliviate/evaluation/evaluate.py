@@ -29,6 +29,7 @@ from obliviate.data.chat import ChatFormat
 from obliviate.data.qa import DataError, QADataset, QAExample
 from obliviate.evaluation import tofu
 from obliviate.evaluation.distributed import score_and_generate_distributed, score_pairs_distributed
+from obliviate.evaluation.engines import Generate
 from obliviate.evaluation.logprobs import TokenScores, score_and_generate, score_pairs
 from obliviate.evaluation.results import EvalResult, PerSample, SetResult
 from obliviate.evaluation.scores import ModelScores, Pair
@@ -274,7 +275,8 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
                          batch_size: int = 32, max_new_tokens: int = 200,
                          oracle: EvalResult | Mapping[str, Any] | None = None, progress: bool = True,
                          label: str | None = None, distributed: bool = False,
-                         extra_pairs: Sequence[Pair] = (), length_budget: float | None = None) -> Evaluation:
+                         extra_pairs: Sequence[Pair] = (), length_budget: float | None = None,
+                         generate: Generate | None = None) -> Evaluation:
     """TOFU metrics of ``model`` on ``sets`` (any of forget, retain, real_authors, world_facts,
     plus extra sets such as holdout, which get probability and ROUGE only), and the scores.
 
@@ -296,9 +298,15 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
 
     ``length_budget`` (a factor; default off) bounds each set's generations by its own answers'
     lengths (:func:`set_token_budgets`); the budgets are recorded as ``max_new_tokens_per_set``.
+
+    ``generate`` (an engine of ``evaluation.engines``, one process only) makes the greedy answers;
+    the model scores the pairs.
     """
     start = time.perf_counter()
-    score, score_generate = score_pairs, score_and_generate
+    if generate is not None and distributed:
+        raise ValueError("an engine's generation runs in one process: not with distributed=True")
+    score = score_pairs
+    score_generate: Callable[..., tuple[list[TokenScores], list[str]]] = score_and_generate
     if distributed:
         score, score_generate = score_pairs_distributed, score_and_generate_distributed
         progress = progress and processes().is_main_process
@@ -329,7 +337,8 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
                                          batch_size=batch_size,
                                          score_progress=track("scoring answers", len(pairs.pairs)),
                                          generate_progress=track("generating answers", len(questions)),
-                                         distribution=bool(extra_pairs))
+                                         distribution=bool(extra_pairs),
+                                         **({"generate": generate} if generate is not None else {}))
         model_scores.add(pairs.pairs, scores)
         model_scores.scored = len(pairs.pairs)
         model_scores.ensure(model, fmt, list(extra_pairs), batch_size=batch_size, score=score)

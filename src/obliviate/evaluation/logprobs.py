@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from obliviate.data.chat import ChatFormat, Encoded, length_grouped_batches, pad_batch
+from obliviate.evaluation.engines import Generate
 from obliviate.evaluation.forward import PositionStats, Prefill, Runner, position_stats, prefill, select_rows
 from obliviate.evaluation.generation import (
     DecodePool,
@@ -411,10 +412,13 @@ def score_and_generate(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]],
                        max_new_tokens: int | Sequence[int] = 200, batch_size: int = 32,
                        score_progress: Callable[[int], None] | None = None,
                        generate_progress: Callable[[int], None] | None = None,
-                       distribution: bool = True) -> tuple[list[TokenScores], list[str]]:
+                       distribution: bool = True, generate: Generate | None = None
+                       ) -> tuple[list[TokenScores], list[str]]:
     """TokenScores of each (question, answer) pair and the greedy answer to each of ``questions``
     (as ``generation.generate_answers`` gives it; ``max_new_tokens`` is one budget or one per
     question), both in input order, every prompt prefilled once for its answers and its generation.
+    ``generate`` (an engine, ``evaluation.engines``) makes the answers instead; the model then scores
+    the pairs only.
 
     Raises ValueError for a pair longer than the format's ``max_length``. ``score_progress(n)`` and
     ``generate_progress(n)`` are called after each batch with its numbers of pairs and questions.
@@ -433,8 +437,14 @@ def score_and_generate(model, fmt: ChatFormat, pairs: Sequence[tuple[str, str]],
         if generate_progress and batch.generate:
             generate_progress(len(batch.generate))
 
-    run_batches(model, fmt, pairs, questions, budgets, batch_size, plan_batches(fmt, pairs, questions, batch_size),
+    asked = () if generate is not None else questions
+    run_batches(model, fmt, pairs, asked, budgets, batch_size, plan_batches(fmt, pairs, asked, batch_size),
                 keep, distribution)
+    if generate is not None and questions:
+        generated = generate([fmt.prompt_ids(q) for q in questions], budgets, stop_token_ids(fmt))
+        answers = [answer_text(fmt, tokens) for tokens in generated]
+        if generate_progress:
+            generate_progress(len(questions))
     # every index is in exactly one batch: no None is left
     return cast(list[TokenScores], scores), cast(list[str], answers)
 
