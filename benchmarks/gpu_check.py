@@ -49,6 +49,7 @@ from bench_speed import eval_tokens, load_data, measured, peak_flops  # noqa: E4
 
 from obliviate.api import evaluate  # noqa: E402
 from obliviate.data.chat import ChatFormat  # noqa: E402
+from obliviate.evaluation.engines import ENGINES  # noqa: E402
 from obliviate.evaluation.evaluate import summary_row  # noqa: E402
 from obliviate.methods import build_method  # noqa: E402
 from obliviate.models.loading import apply_lora, load_model, load_tokenizer, save_checkpoint  # noqa: E402
@@ -387,7 +388,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "refused when the installed transformers cannot provide it; flash_attention_2 wants "
                    "--dtype bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (stages and MFU probe)")
-    p.add_argument("--engine", default="obliviate", choices=["obliviate", "vllm"],
+    p.add_argument("--engine", default="obliviate", choices=ENGINES,
                    help="who makes the evaluation's greedy answers: obliviate, or vllm (pip install vllm)")
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
     p.add_argument("--peak-flops", type=float, default=None, help="the device's dense bf16 peak FLOP/s for MFU "

@@ -150,6 +150,20 @@ def pad_batch(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
+def common_start(sequences: Sequence[list[int]]) -> int:
+    """How many leading tokens every sequence shares (the chat template's system turn), leaving each
+    at least one token of its own; 0 for fewer than two sequences. Evaluation's prefill and
+    training's packed rows run that start once."""
+    if len(sequences) < 2:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
+
+
 def left_pad_prompts(prompts: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Left padding for batched generation, so every row's next token is at the last column."""
     width = max(len(p) for p in prompts)

@@ -15,6 +15,7 @@ Metrics are those of TOFU (Maini et al. 2024, arXiv 2401.06121).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import contextmanager
@@ -306,7 +307,8 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
     if generate is not None and distributed:
         raise ValueError("an engine's generation runs in one process: not with distributed=True")
     score = score_pairs
-    score_generate: Callable[..., tuple[list[TokenScores], list[str]]] = score_and_generate
+    score_generate: Callable[..., tuple[list[TokenScores], list[str]]] = \
+        score_and_generate if generate is None else functools.partial(score_and_generate, generate=generate)
     if distributed:
         score, score_generate = score_pairs_distributed, score_and_generate_distributed
         progress = progress and processes().is_main_process
@@ -337,8 +339,7 @@ def evaluate_with_scores(model, tokenizer, sets: dict[str, QADataset], fmt: Chat
                                          batch_size=batch_size,
                                          score_progress=track("scoring answers", len(pairs.pairs)),
                                          generate_progress=track("generating answers", len(questions)),
-                                         distribution=bool(extra_pairs),
-                                         **({"generate": generate} if generate is not None else {}))
+                                         distribution=bool(extra_pairs))
         model_scores.add(pairs.pairs, scores)
         model_scores.scored = len(pairs.pairs)
         model_scores.ensure(model, fmt, list(extra_pairs), batch_size=batch_size, score=score)

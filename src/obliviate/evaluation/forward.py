@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from obliviate.data.chat import left_pad_prompts
+from obliviate.data.chat import common_start, left_pad_prompts
 
 # Rows of logits materialised at a time when statistics over the vocabulary are computed: at most
 # about 64 MiB of float32 at any vocabulary size, instead of a [tokens x vocab] tensor for the batch.
@@ -132,19 +132,6 @@ class Prefill:
     cache: Any
     mask: torch.Tensor  # [B, P], zeros on the left padding
     lengths: torch.Tensor  # [B]
-
-
-def common_start(prompts: Sequence[list[int]]) -> int:
-    """How many leading tokens every prompt shares (the chat template's system turn), leaving each
-    prompt at least one token of its own; 0 for fewer than two prompts."""
-    if len(prompts) < 2:
-        return 0
-    limit = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n
 
 
 @torch.no_grad()

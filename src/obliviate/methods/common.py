@@ -22,7 +22,7 @@ import inspect
 import torch
 from torch import nn
 
-from obliviate.data.chat import IGNORE, Encoded, pad_batch
+from obliviate.data.chat import IGNORE, Encoded, common_start, pad_batch
 from obliviate.models.attention import mask_4d, takes_4d_mask
 
 _LAYER_LISTS = ("layers", "h")  # Llama/Mistral/Qwen/SmolLM ("layers"), GPT-2 style ("h")
@@ -90,8 +90,7 @@ def pack_rows(view: dict, max_tokens: int = PACK_TOKENS) -> dict[str, torch.Tens
     lengths = mask.sum(1)
     if not torch.equal(mask.bool(), torch.arange(width)[None, :] < lengths[:, None]) or int(lengths.min()) < 1:
         return {}  # not right-padded, or an empty row
-    shared = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
-    shared = min(shared, int(lengths.min()) - 1)  # every row keeps a token of its own
+    shared = common_start([ids[r, :n].tolist() for r, n in enumerate(lengths.tolist())])
     own = (lengths - shared).tolist()
     packs: list[list[int]] = [[]]
     for r in range(rows):
@@ -165,10 +164,11 @@ def _label_logits(model: nn.Module, view: dict) -> tuple[torch.Tensor, torch.Ten
     """Logits at the label positions in the model's dtype, ``[N, V]``, their targets ``[N]``, rows
     ``[N]`` and the label tokens per row ``[B]``; through the (wrapped) model's own forward, so
     DDP/FSDP hooks run."""
-    # Where the label index was made (on the host, by index_labels), so was the packing, or not.
-    packed = {k: view[k] for k in PACKED if k in view} if "label_pos" in view else \
-        pack_rows(view) if view["input_ids"].device.type == "cpu" else {}
     idx = label_index(view)
+    if "label_pos" in view:  # where the label index was made (the host, index_labels), so was the packing, or not
+        packed = {k: view[k] for k in PACKED if k in view}
+    else:  # a bare view: packed here if that needs no wait for an accelerator
+        packed = pack_rows({**view, **idx}) if view["input_ids"].device.type == "cpu" else {}
     device = _device(model)
     base = _base_model(model)
     pos = idx["label_pos"].to(device)
